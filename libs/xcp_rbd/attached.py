@@ -1,0 +1,61 @@
+"""`Sr`: an attached SR as every SR, Volume and collector call sees it."""
+
+import contextlib
+import json
+
+import rbd
+
+from xcp_rbd import cluster, location, metadata, protocol
+from xcp_rbd.metadata import Index
+
+
+class Sr(object):
+    """An SR on a connected cluster: its location, ioctx and index."""
+
+    def __init__(self, where, connection, ioctx):
+        self.location = where
+        self.connection = connection
+        self.ioctx = ioctx
+        self.index = Index(ioctx, metadata.index_object(where.sr_uuid))
+        self.rbd = rbd.RBD()
+
+    def record(self):
+        """The SR record, or a clear error if the SR does not exist."""
+        value = self.index.read_keys([metadata.SR_RECORD], "\x00").get(metadata.SR_RECORD)
+        if value is None:
+            raise protocol.StorageError(["SR_does_not_exist", self.describe()])
+        return json.loads(value)
+
+    def describe(self):
+        return "SR %s in %s" % (self.location.sr_uuid, self.location.describe())
+
+    def image_lock(self, name, lease=metadata.LOCK_LEASE):
+        """The lock under which image `name` and the records on it change."""
+        return self.index.lock("img." + name, what="disk image %s" % name, lease=lease)
+
+    def image(self, name, snapshot=None, read_only=False):
+        return rbd.Image(self.ioctx, name, snapshot=snapshot, read_only=read_only)
+
+    def images(self):
+        """Names of the RBD images of this SR's namespace that belong to it."""
+        names = []
+        for entry in self.rbd.list2(self.ioctx):
+            try:
+                with self.image(entry["name"], read_only=True) as image:
+                    if image.metadata_get(metadata.META_SR) == self.location.sr_uuid:
+                        names.append(entry["name"])
+            except (KeyError, rbd.ImageNotFound):
+                continue
+        return names
+
+
+@contextlib.contextmanager
+def open_sr(sr):
+    """Sr for the `sr` string of an attached SR."""
+    where = location.SrLocation.parse(sr)
+    with cluster.Connection(where.cluster) as connection:
+        ioctx = connection.open_pool(where.pool, where.namespace)
+        try:
+            yield Sr(where, connection, ioctx)
+        finally:
+            ioctx.close()

@@ -1,0 +1,265 @@
+"""The garbage collector: reclaims in the background what a destroy could not.
+
+Volume.destroy only removes records and does constant-time Ceph operations
+(snapshot removal, trash move). What remains is found here from two truths, the
+SR index and the cluster, never from a list of pending work that could be lost:
+- an image of the SR that no record references (its disk and snapshots were
+  destroyed, or a crash left it) is moved to the trash;
+- a user snapshot that no record references is removed;
+- a trashed image of the SR is removed once nothing depends on it any more
+  (its clone children are gone);
+- index entries of volumes that no longer exist are dropped.
+An image whose disk was destroyed but whose snapshots live on (a "zombie",
+as after XAPI's revert) stays until its last snapshot goes, and may be adopted
+by the next clone of one of its snapshots (see `adopt`).
+
+Every image is handled under its cluster lock, as the Volume commands do, and
+only one collector runs per SR (cluster lock "gc"), from any host. A collector
+is started detached by the commands that leave work (`start`); `collect` is
+also what `xcp-rbd-xapi gc` runs in the foreground.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import rbd
+
+from xcp_rbd import log, metadata, protocol
+from xcp_rbd.attached import open_sr
+from xcp_rbd.metadata import volume_field
+
+GC_LOCK = "gc"
+GC_LEASE = 60
+
+
+def _user_snapshots(image):
+    return [snap["name"] for snap in image.list_snaps()
+            if snap.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
+            == rbd.RBD_SNAP_NAMESPACE_TYPE_USER]
+
+
+def _references(entries):
+    """(images of writable volumes, {image: set of referenced snapshots})."""
+    live = set()
+    snapshots = {}
+    for field, value in entries.items():
+        if field.startswith("v."):
+            record = json.loads(value)
+            if record["snap"] is None:
+                live.add(record["image"])
+            else:
+                snapshots.setdefault(record["image"], set()).add(record["snap"])
+    return live, snapshots
+
+
+def release_image(sr, name):
+    """The writable volume on image `name` was destroyed (caller holds its lock).
+
+    Without snapshots the image goes to the trash now (constant time; the
+    collector removes it); with snapshots it stays, hidden, for them."""
+    try:
+        with sr.image(name) as image:
+            has_snapshots = bool(_user_snapshots(image))
+    except rbd.ImageNotFound:
+        return
+    if not has_snapshots:
+        sr.rbd.trash_move(sr.ioctx, name, 0)
+
+
+def release_snapshot(sr, name, snap):
+    """The snapshot volume `snap` of image `name` was destroyed (caller holds the
+    lock). With clone v2, a snapshot that still has clones moves to the trash
+    namespace and Ceph deletes it with its last clone."""
+    try:
+        with sr.image(name) as image:
+            image.remove_snap(snap)
+    except (rbd.ImageNotFound, rbd.ObjectNotFound):
+        pass
+
+
+def adopt(sr, key, record, new):
+    """Clone of snapshot `key` of a zombie image: the image itself becomes the clone.
+
+    The destroyed disk's image is rolled back to the snapshot and re-keyed to
+    the new volume; the other snapshots of the image now belong to it. No
+    chain grows, snapshot history is kept, and the cost is one rollback.
+    Returns the new record, or None where adopting is not safe. The caller
+    holds the image's lock."""
+    live, snapshots = _references(sr.index.read(prefix="v."))
+    name = record["image"]
+    if name in live:
+        return None
+    with sr.image(name, read_only=True) as image:  # a read-only open adds no watcher
+        if list(image.watchers_list()):
+            return None  # still open somewhere (a stale VM): never roll it back
+    with sr.image(name) as image:
+        image.rollback_to_snap(record["snap"])
+        size = image.size()
+    adopted = {"uuid": new, "name": record["name"], "description": record["description"],
+               "image": name, "snap": None, "sharable": record["sharable"], "size": size,
+               "created": metadata.now()}
+    # XAPI re-points the siblings' snapshot_of to the new disk in its own DB only:
+    # do it here too, or the next scan would drop the lineage.
+    lineage = {metadata.key_prefix(snap) + "snapshot_of": new
+               for snap in snapshots.get(name, ())}
+    lineage[volume_field(new)] = metadata.dumps(adopted)
+    sr.index.write(lineage)
+    log.info("adopted image %s (snapshot %s) as volume %s", name, key, new)
+    return adopted
+
+
+class Collector(object):
+    """One collection pass over an SR (the caller holds the SR's gc lock)."""
+
+    def __init__(self, sr, lock):
+        self.sr = sr
+        self.lock = lock
+        self.renewed = time.time()
+        self.actions = []
+
+    def keep_lock(self):
+        if time.time() - self.renewed > GC_LEASE / 3:
+            self.lock.renew()
+            self.renewed = time.time()
+            protocol.arm_watchdog(3 * self.sr.location.cluster.timeout + 5,
+                                  "the collector stopped making progress")
+
+    def run(self):
+        """Collect until nothing more can be done; return what was done."""
+        while True:
+            done = len(self.actions)
+            for name in self.sr.images():
+                self.keep_lock()
+                self.collect_image(name)
+            self.collect_trash()
+            self.collect_index()
+            if len(self.actions) == done:
+                return self.actions
+
+    def collect_image(self, name):
+        lock = self.sr.image_lock(name)
+        if not lock.try_acquire():
+            return  # in use by a command (or being created): next time
+        try:
+            live, snapshots = _references(self.sr.index.read(prefix="v."))
+            referenced = snapshots.get(name, set())
+            with self.sr.image(name) as image:
+                for snap in _user_snapshots(image):
+                    if snap not in referenced:
+                        image.remove_snap(snap)
+                        self.actions.append("removed snapshot %s@%s" % (name, snap))
+            if name not in live and not referenced:
+                self.sr.rbd.trash_move(self.sr.ioctx, name, 0)
+                self.actions.append("moved image %s to the trash" % name)
+        except rbd.ImageNotFound:
+            pass
+        finally:
+            lock.release()
+
+    def collect_trash(self):
+        for entry in self.sr.rbd.trash_list(self.sr.ioctx):
+            self.keep_lock()
+            try:
+                with rbd.Image(self.sr.ioctx, image_id=entry["id"]) as image:
+                    if image.metadata_get(metadata.META_SR) != self.sr.location.sr_uuid:
+                        continue
+                    for snap in _user_snapshots(image):
+                        image.remove_snap(snap)
+                self.sr.rbd.trash_remove(self.sr.ioctx, entry["id"], True)
+                self.actions.append("removed image %s" % entry["name"])
+            except (KeyError, rbd.ImageNotFound):
+                continue
+            except (rbd.ImageHasSnapshots, rbd.ImageBusy) as exc:
+                log.debug("trashed image %s not removable yet: %s", entry["name"], exc)
+
+    def collect_index(self):
+        entries = self.sr.index.read()
+        volumes = {f[2:] for f in entries if f.startswith("v.")}
+        dangling = [f for f in entries if f[:2] in ("k.", "u.")
+                    and f[2:].partition(".")[0] not in volumes]
+        if dangling:
+            self.sr.index.write(remove=dangling)
+            self.actions.append("dropped %d index entries of destroyed volumes"
+                                % len(dangling))
+
+
+def collect(sr, wait=0.0):
+    """Run one collection on an open Sr unless another collector runs it.
+
+    Returns the list of actions, or None if another collector holds the SR."""
+    lock = sr.index.lock(GC_LOCK, what="the collector of %s" % sr.describe(),
+                         wait=wait, lease=GC_LEASE)
+    if not wait and not lock.try_acquire():
+        return None
+    if wait:
+        lock.__enter__()
+    try:
+        actions = Collector(sr, lock).run()
+    finally:
+        lock.release()
+    for action in actions:
+        log.info("gc %s: %s", sr.location.sr_uuid, action)
+    return actions
+
+
+def destroy_everything(sr):
+    """SR.destroy: drop every volume record, then collect until the SR is empty."""
+    entries = sr.index.read()
+    sr.index.write(remove=[f for f in entries if f != metadata.SR_RECORD])
+    collect(sr, wait=2 * GC_LEASE)
+    left = sr.images() + [e["name"] for e in sr.rbd.trash_list(sr.ioctx)]
+    if left:
+        raise protocol.failure(
+            "SR_not_empty", "%s still holds images %s (clones in another SR, or open "
+                            "by a VM?)" % (sr.describe(), ", ".join(sorted(left))))
+
+
+def start(sr):
+    """Start a detached collector for this SR (it exits at once if one runs)."""
+    library = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [library] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    with open(os.devnull, "r+b") as devnull:
+        subprocess.Popen([sys.executable, "-m", "xcp_rbd.gc", str(sr.location)],
+                         stdin=devnull, stdout=devnull, stderr=devnull, env=env,
+                         close_fds=True, start_new_session=True)
+
+
+def status(sr):
+    """What the SR holds and what waits for the collector (for diagnostics)."""
+    entries = sr.index.read()
+    live, snapshots = _references(entries)
+    images = sr.images()
+    trash = [entry["name"] for entry in sr.rbd.trash_list(sr.ioctx)]
+    lock = sr.index.lock(GC_LOCK, lease=GC_LEASE)
+    running = not lock.try_acquire()
+    if not running:
+        lock.release()
+    return {
+        "volumes": len(live),
+        "snapshots": sum(len(s) for s in snapshots.values()),
+        "hidden_images": sorted(i for i in images if i not in live and i in snapshots),
+        "awaiting_collection": sorted(
+            [i for i in images if i not in live and i not in snapshots] + trash),
+        "collector_running": running,
+    }
+
+
+def main():
+    """python -m xcp_rbd.gc <sr>: the detached collector."""
+    log.setup()
+    log.set_context("gc", "")
+    try:
+        with open_sr(sys.argv[1]) as sr:
+            collect(sr)
+    except Exception:  # a background process: log it, there is nobody else to tell
+        log.error("collector failed", exc_info=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The wire protocol between xapi-storage-script and a plugin script (spec section 3).
+
+xapi-storage-script runs `<plugin dir>/<Interface.method> --json`, writes one
+JSON object of named parameters on stdin and reads stdout:
+- success: exit 0 and exactly one JSON value, the method's result;
+- failure: exit 1 and {"code", "params", "backtrace": {"error", "files", "lines"}}.
+Everything a plugin script does goes through `serve`, so nothing but that JSON
+ever reaches stdout, whatever fails, and no call runs longer than its bound.
+"""
+
+import json
+import os
+import sys
+import threading
+import traceback
+
+from xcp_rbd import idl, log
+
+_BACKEND_FAILURE = "SR_BACKEND_FAILURE"
+
+
+class StorageError(Exception):
+    """An error for the administrator: XAPI shows `code` and `params` as they are."""
+
+    def __init__(self, params, code=_BACKEND_FAILURE):
+        super(StorageError, self).__init__(": ".join(params))
+        self.code = code
+        self.params = list(params)
+
+
+def failure(reason, message):
+    """SR_BACKEND_FAILURE [reason, message]: the usual shape of our errors."""
+    return StorageError([reason, message])
+
+
+class VolumeDoesNotExist(StorageError):
+    def __init__(self, key):
+        super(VolumeDoesNotExist, self).__init__(["Volume_does_not_exist", key])
+
+
+class SrNotAttached(StorageError):
+    def __init__(self, sr):
+        super(SrNotAttached, self).__init__(["Sr_not_attached", sr])
+
+
+class ActivatedOnAnotherHost(StorageError):
+    """XAPI recognises this one by its params and redirects the call to that host."""
+
+    def __init__(self, host_uuid):
+        super(ActivatedOnAnotherHost, self).__init__(
+            ["Activated_on_another_host", host_uuid])
+
+
+class Unimplemented(StorageError):
+    def __init__(self, name):
+        super(Unimplemented, self).__init__(["Unimplemented", name])
+
+
+def error_document(exc, tb=None):
+    """The failure JSON for an exception (what xapi.handle_exception prints)."""
+    if isinstance(exc, StorageError):
+        code, params = exc.code, exc.params
+    elif isinstance(exc, idl.IdlError):
+        code, params = _BACKEND_FAILURE, ["Invalid_parameters", str(exc)]
+    else:
+        code, params = _BACKEND_FAILURE, [type(exc).__name__, str(exc)]
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    return {
+        "code": code,
+        "params": [str(p) for p in params],
+        "backtrace": {
+            "error": str(exc),
+            "files": [frame[0] for frame in frames],
+            "lines": [frame[1] for frame in frames],
+        },
+    }
+
+
+class _Output(object):
+    """stdout, written once: by the call, or by the watchdog if the call overruns."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._written = False
+
+    def emit(self, document, status):
+        with self._lock:
+            if self._written:
+                return
+            self._written = True
+            sys.stdout.write(json.dumps(document))
+            sys.stdout.flush()
+        if status:
+            log.error("failed: %s", json.dumps(document.get("params")))
+        sys.stdout = sys.stderr  # nothing may follow the protocol's JSON
+        return status
+
+    def abort(self, document):
+        """Emit a failure from another thread and end the process at once."""
+        if self.emit(document, 1) is not None:
+            log.flush()
+            os._exit(1)
+
+
+_output = _Output()
+_watchdog = []
+
+
+def arm_watchdog(seconds, explanation):
+    """Fail the call with `explanation` unless it ends or re-arms within `seconds`.
+
+    librados bounds most waits with its own timeouts, but not all of them
+    (e.g. a monitor that accepts connections and never answers); neither
+    xapi-storage-script nor XAPI bounds a script's run time, so this does.
+    Long operations re-arm it as they make progress.
+    """
+    def expire():
+        _output.abort(error_document(failure("Ceph_unreachable", explanation)))
+
+    while _watchdog:
+        _watchdog.pop().cancel()
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    _watchdog.append(timer)
+
+
+def read_arguments(stream):
+    text = stream.readline()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise failure("Invalid_parameters",
+                      "stdin is not one JSON object of parameters (%s)" % exc)
+
+
+def serve(commands, argv=None, stdin=None):
+    """Run the command named by argv[0]'s basename; return the exit status.
+
+    `commands` maps "Interface.method" (any case) to a function taking the
+    IDL parameters (dbg included) as keyword arguments.
+    """
+    argv = sys.argv if argv is None else argv
+    stdin = sys.stdin if stdin is None else stdin
+    name = os.path.basename(argv[0])
+    handlers = {command.lower(): function for command, function in commands.items()}
+    try:
+        method = idl.METHODS.get(name.lower())
+        handler = handlers.get(name.lower())
+        if method is None or handler is None:
+            raise Unimplemented(name)
+        if "--json" not in argv[1:] and "-j" not in argv[1:]:
+            raise failure("Invalid_parameters",
+                          "%s is a SMAPIv3 script: run it with --json and the "
+                          "parameters as a JSON object on stdin" % name)
+        args = read_arguments(stdin)
+        kwargs = method.check_args(args)
+        log.set_context(name, kwargs["dbg"])
+        log.info("called with %s", json.dumps(
+            {k: v for k, v in kwargs.items() if k != "dbg"}, sort_keys=True))
+        result = handler(**kwargs)
+        method.check_result(result)
+        return _output.emit(result, 0)
+    except Exception as exc:  # every failure must reach XAPI in the protocol's shape
+        log.debug("%s", traceback.format_exc())
+        return _output.emit(error_document(exc, sys.exc_info()[2]), 1)
+
+
+def main(commands):
+    """Entry point of a plugin script."""
+    log.setup()
+    status = serve(commands)
+    log.flush()
+    sys.exit(status)

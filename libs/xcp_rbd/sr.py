@@ -1,0 +1,265 @@
+"""SR.* commands.
+
+An SR is a pool (and a namespace in it) plus its index object (see metadata).
+The SR keeps no state on hosts except the list of SRs attached on this host,
+which only Plugin.diagnostics reads.
+"""
+
+import json
+import os
+
+import rados
+import rbd
+
+from xcp_rbd import cluster, gc, location, log, metadata, protocol, volume
+from xcp_rbd.attached import open_sr
+from xcp_rbd.metadata import Index, dumps
+
+RUN_DIR = os.environ.get("XCP_RBD_RUN_DIR", "/var/run/nonpersistent/xcp-rbd")
+OWNED_NAMESPACE_PREFIX = "xcp-"
+
+SR_DOC = {
+    "pool": "RBD pool of the SR (required)",
+    "namespace": "RBD namespace inside the pool (default: a namespace of the SR's own, "
+                 "so that several SRs can share one pool)",
+    "datapath": "how VMs reach the disks: rbd-nbd (default) or qemu",
+    "sr_uuid": "set by SR.create: the SR's uuid",
+}
+
+
+def _location_from_config(configuration, sr_uuid=None):
+    pool = configuration.get("pool")
+    if not pool:
+        raise protocol.failure("Invalid_configuration",
+                               "device-config:pool (the RBD pool of the SR) is required")
+    datapath = configuration.get("datapath", location.DEFAULT_DATAPATH)
+    if datapath not in location.DATAPATH_BACKENDS:
+        raise protocol.failure(
+            "Invalid_configuration", "device-config:datapath must be one of %s, not %r"
+            % (", ".join(location.DATAPATH_BACKENDS), datapath))
+    return location.SrLocation(
+        pool, configuration.get("namespace", ""),
+        sr_uuid or configuration.get("sr_uuid", ""),
+        cluster.ClusterConfig.from_mapping(configuration), datapath)
+
+
+def _check_rbd_pool(connection, where):
+    ioctx = connection.open_pool(where.pool)
+    try:
+        if "rbd" not in ioctx.application_list():
+            raise protocol.failure(
+                "Ceph_pool_not_rbd", "pool '%s' is not an RBD pool (enable it with "
+                "'rbd pool init %s')" % (where.pool, where.pool))
+    finally:
+        ioctx.close()
+
+
+def _permission_denied(where, doing):
+    return protocol.failure(
+        "Ceph_permission_denied", "client.%s may not %s in %s: give it osd and mgr "
+        "'profile rbd pool=%s'" % (where.cluster.user, doing, where.describe(), where.pool,))
+
+
+def create(dbg, uuid, configuration, name, description):
+    where = _location_from_config(configuration, uuid)
+    owned = not where.namespace
+    if owned:
+        where.namespace = OWNED_NAMESPACE_PREFIX + uuid
+    with cluster.Connection(where.cluster) as connection:
+        _check_rbd_pool(connection, where)
+        default_ns = connection.open_pool(where.pool)
+        ioctx = connection.open_pool(where.pool, where.namespace)
+        created_namespace = False
+        try:
+            rbd_api = rbd.RBD()
+            if not rbd_api.namespace_exists(default_ns, where.namespace):
+                if not owned:
+                    raise protocol.failure(
+                        "Ceph_namespace_missing", "namespace '%s' does not exist in pool "
+                        "'%s' (create it with 'rbd namespace create %s/%s', or leave "
+                        "device-config:namespace out)" % (
+                            where.namespace, where.pool, where.pool, where.namespace))
+                rbd_api.namespace_create(default_ns, where.namespace)
+                created_namespace = True
+            record = {"uuid": uuid, "name": name, "description": description,
+                      "namespace_owned": owned, "created": metadata.now()}
+            Index(ioctx, metadata.index_object(uuid)).write({metadata.SR_RECORD: dumps(record)})
+            Index(default_ns, metadata.REGISTRY).write(
+                {uuid: dumps({"namespace": where.namespace})})
+        except rados.PermissionError:
+            if created_namespace:
+                rbd_api.namespace_remove(default_ns, where.namespace)
+            raise _permission_denied(where, "write")
+        finally:
+            ioctx.close()
+            default_ns.close()
+    result = dict(configuration)
+    result.update(where.cluster.to_mapping())
+    result.update(sr_uuid=uuid, namespace=where.namespace)
+    return result
+
+
+def attach(dbg, configuration):
+    where = _location_from_config(configuration)
+    if not where.sr_uuid:
+        raise protocol.failure("Invalid_configuration",
+                               "device-config:sr_uuid is missing: it is set by SR.create")
+    sr = str(where)
+    with open_sr(sr) as attached:
+        attached.record()
+    _remember_attached(where.sr_uuid, sr)
+    return sr
+
+
+def detach(dbg, sr):
+    _forget_attached(location.SrLocation.parse(sr).sr_uuid)
+
+
+def _attached_path(sr_uuid):
+    return os.path.join(RUN_DIR, "attached", sr_uuid)
+
+
+def _remember_attached(sr_uuid, sr):
+    path = _attached_path(sr_uuid)
+    if not os.path.isdir(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path), mode=0o700)
+    with open(path + ".tmp", "w") as stream:
+        stream.write(sr)
+    os.rename(path + ".tmp", path)
+
+
+def _forget_attached(sr_uuid):
+    try:
+        os.unlink(_attached_path(sr_uuid))
+    except OSError:
+        pass
+
+
+def attached_srs():
+    """The `sr` strings of the SRs attached on this host."""
+    directory = os.path.join(RUN_DIR, "attached")
+    srs = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        with open(os.path.join(directory, name)) as stream:
+            srs.append(stream.read())
+    return srs
+
+
+def destroy(dbg, sr):
+    with open_sr(sr) as attached:
+        record = attached.record()
+        gc.destroy_everything(attached)
+        default_ns = attached.connection.open_pool(attached.location.pool)
+        try:
+            Index(default_ns, metadata.REGISTRY).write(remove=[attached.location.sr_uuid])
+            attached.index.remove()
+            if record.get("namespace_owned"):
+                rbd.RBD().namespace_remove(default_ns, attached.location.namespace)
+        finally:
+            default_ns.close()
+    _forget_attached(location.SrLocation.parse(sr).sr_uuid)
+
+
+def _capacity(connection, pool):
+    """(total, free) bytes: the pool quota if it has one, else what Ceph can store."""
+    df = connection.mon_command("df", detail="detail")
+    stats = next(p["stats"] for p in df["pools"] if p["name"] == pool)
+    used = stats.get("stored", stats.get("bytes_used", 0))
+    quota = connection.mon_command("osd pool get-quota", pool=pool).get("quota_max_bytes", 0)
+    if quota:
+        return quota, max(quota - used, 0)
+    return used + stats["max_avail"], stats["max_avail"]
+
+
+def _health(connection):
+    report = connection.mon_command("health")
+    status = report.get("status", "HEALTH_ERR")
+    summary = "; ".join(check.get("summary", {}).get("message", name)
+                        for name, check in sorted(report.get("checks", {}).items()))
+    if status == "HEALTH_ERR":
+        return ["Unavailable", summary]
+    return ["Healthy", summary]
+
+
+def stat(dbg, sr):
+    with open_sr(sr) as attached:
+        record = attached.record()
+        total, free = _capacity(attached.connection, attached.location.pool)
+        return {
+            "sr": sr, "uuid": record["uuid"], "name": record["name"],
+            "description": record["description"], "total_space": total,
+            "free_space": free, "datasources": [], "clustered": False,
+            "health": _health(attached.connection),
+        }
+
+
+def _set_field(sr, field, value):
+    with open_sr(sr) as attached:
+        attached.record()
+
+        def change(record):
+            record[field] = value
+            return record
+        attached.index.update(metadata.SR_RECORD, change)
+
+
+def set_name(dbg, sr, new_name):
+    _set_field(sr, "name", new_name)
+
+
+def set_description(dbg, sr, new_description):
+    _set_field(sr, "description", new_description)
+
+
+def ls(dbg, sr):
+    with open_sr(sr) as attached:
+        entries = attached.index.read()
+        if metadata.SR_RECORD not in entries:
+            raise protocol.StorageError(["SR_does_not_exist", attached.describe()])
+        return volume.views(attached, entries)
+
+
+def probe(dbg, configuration):
+    """The SRs of device-config:pool, or without a pool the RBD pools to choose from."""
+    if not configuration.get("pool"):
+        return _probe_pools(configuration)
+    where = _location_from_config(configuration)
+    with cluster.Connection(where.cluster) as connection:
+        default_ns = connection.open_pool(where.pool)
+        try:
+            registry = Index(default_ns, metadata.REGISTRY).read()
+        finally:
+            default_ns.close()
+    results = []
+    for sr_uuid, value in sorted(registry.items()):
+        if where.sr_uuid and sr_uuid != where.sr_uuid:
+            continue
+        found = location.SrLocation(where.pool, json.loads(value)["namespace"], sr_uuid,
+                                    where.cluster, where.datapath)
+        config = dict(configuration)
+        config.update(sr_uuid=sr_uuid, namespace=found.namespace)
+        try:
+            sr_stat = stat(dbg, str(found))
+        except protocol.StorageError as exc:
+            log.warning("probe: SR %s is registered but unreadable: %s", sr_uuid, exc)
+            continue
+        results.append({"configuration": config, "complete": True, "sr": sr_stat,
+                        "extra_info": {}})
+    return results
+
+
+def _probe_pools(configuration):
+    config = cluster.ClusterConfig.from_mapping(configuration)
+    results = []
+    with cluster.Connection(config) as connection:
+        for pool in connection.rados.list_pools():
+            ioctx = connection.open_pool(pool)
+            try:
+                is_rbd = "rbd" in ioctx.application_list()
+            finally:
+                ioctx.close()
+            if is_rbd:
+                found = dict(configuration, pool=pool)
+                results.append({"configuration": found, "complete": False,
+                                "extra_info": {}})
+    return results

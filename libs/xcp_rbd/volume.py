@@ -1,0 +1,254 @@
+"""Volume.* commands: VDIs as RBD images, snapshots and clones.
+
+Data model (records: see metadata):
+- a writable volume is an RBD image (named by the key it was created for);
+- a snapshot volume is an RBD user snapshot of its disk's image, named by its key;
+- a clone is an RBD clone v2 of a snapshot (no protection, no copy).
+
+Every change to an image and to the records that point at it is made under
+that image's cluster lock, so concurrent scripts on any host see one order.
+Ceph objects are created before the record that makes them visible, and records
+are removed before the objects: a crash leaves the old state, the new one, or
+an unreferenced image or snapshot that the collector (gc) removes.
+Nothing here copies data or costs time that grows with the data written.
+"""
+
+import json
+
+import rbd
+
+from xcp_rbd import gc, metadata, protocol
+from xcp_rbd.attached import open_sr
+from xcp_rbd.metadata import dumps, key_prefix, usage_field, volume_field
+
+FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+            | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF
+            | rbd.RBD_FEATURE_DEEP_FLATTEN)
+SECTOR = 512
+CREATE_LOCK_LEASE = 15  # a killed create blocks the collector this long at most
+
+
+def _split(entries):
+    """Index entries -> {key: (record, keys, usage)} for every volume."""
+    volumes = {}
+    custom = {}
+    usage = {}
+    for field, value in entries.items():
+        kind, _, rest = field.partition(".")
+        if kind == "v":
+            volumes[rest] = json.loads(value)
+        elif kind == "k":
+            key, _, name = rest.partition(".")
+            custom.setdefault(key, {})[name] = value
+        elif kind == "u":
+            usage[rest] = json.loads(value)["bytes"]
+    return {key: (record, custom.get(key, {}), usage.get(key, 0))
+            for key, record in volumes.items()}
+
+
+def _load(sr, key):
+    entries = sr.index.read_keys([volume_field(key), usage_field(key)], key_prefix(key))
+    found = _split(entries).get(key)
+    if found is None:
+        raise protocol.VolumeDoesNotExist(key)
+    return found
+
+
+def view(sr, key, record, keys, usage):
+    """The IDL volume of a record."""
+    return {
+        "key": key, "uuid": record["uuid"], "name": record["name"],
+        "description": record["description"], "read_write": record["snap"] is None,
+        "sharable": record["sharable"], "virtual_size": record["size"],
+        "physical_utilisation": usage,
+        "uri": [sr.location.volume_uri(record["image"], record["snap"])],
+        "keys": keys, "cbt_enabled": record.get("cbt", False),
+    }
+
+
+def views(sr, entries):
+    return [view(sr, key, *found) for key, found in sorted(_split(entries).items())]
+
+
+def _new_record(key, source, image, snap, size):
+    return {"uuid": key, "name": source["name"], "description": source["description"],
+            "image": image, "snap": snap, "sharable": source["sharable"], "size": size,
+            "created": metadata.now()}
+
+
+def _tag_image(sr, name):
+    with sr.image(name) as image:
+        image.metadata_set(metadata.META_SR, sr.location.sr_uuid)
+
+
+def create(dbg, sr, name, description, size, sharable):
+    if size < 0:
+        raise protocol.failure("VDI Invalid size", "a disk cannot have %d bytes" % size)
+    size = -(-size // SECTOR) * SECTOR
+    with open_sr(sr) as attached:
+        attached.record()
+        key = metadata.new_key()
+        record = _new_record(key, {"name": name, "description": description,
+                                   "sharable": sharable}, key, None, size)
+        with attached.image_lock(key, lease=CREATE_LOCK_LEASE):
+            attached.rbd.create(attached.ioctx, key, size, old_format=False,
+                                features=FEATURES)
+            _tag_image(attached, key)
+            attached.index.write({volume_field(key): dumps(record)})
+        return view(attached, key, record, {}, 0)
+
+
+def snapshot(dbg, sr, key):
+    with open_sr(sr) as attached:
+        record, _, _ = _load(attached, key)
+        if record["snap"] is not None:
+            raise protocol.failure(
+                "Not_supported", "volume %s is a snapshot: snapshot its disk instead" % key)
+        new = metadata.new_key()
+        with attached.image_lock(record["image"]):
+            with _open(attached, key, record["image"]) as image:
+                image.create_snap(new)
+                size = image.size()
+            snap_record = _new_record(new, record, record["image"], new, size)
+            attached.index.write({volume_field(new): dumps(snap_record)})
+        return view(attached, new, snap_record, {}, 0)
+
+
+def _open(sr, key, image, snapshot=None, read_only=False):
+    try:
+        return sr.image(image, snapshot=snapshot, read_only=read_only)
+    except rbd.ImageNotFound:
+        raise protocol.VolumeDoesNotExist(key)
+
+
+TMP_SNAP_PREFIX = "xcp_rbd.clone."
+
+
+def clone(dbg, sr, key):
+    with open_sr(sr) as attached:
+        record, _, _ = _load(attached, key)
+        new = metadata.new_key()
+        with attached.image_lock(record["image"]):
+            if record["snap"] is not None:
+                adopted = gc.adopt(attached, key, record, new)
+                if adopted is not None:
+                    return view(attached, new, adopted, {}, 0)
+                parent_snap = record["snap"]
+            else:
+                # A clone needs a snapshot: a temporary one, removed at once (clone v2
+                # keeps it in the trash namespace for as long as the clone needs it).
+                parent_snap = TMP_SNAP_PREFIX + new
+                with _open(attached, key, record["image"]) as image:
+                    image.create_snap(parent_snap)
+            with attached.image_lock(new, lease=CREATE_LOCK_LEASE):
+                attached.rbd.clone(attached.ioctx, record["image"], parent_snap,
+                                   attached.ioctx, new, features=FEATURES)
+                _tag_image(attached, new)
+                clone_record = _new_record(new, record, new, None, record["size"])
+                attached.index.write({volume_field(new): dumps(clone_record)})
+            if record["snap"] is None:
+                with attached.image(record["image"]) as image:
+                    image.remove_snap(parent_snap)
+        return view(attached, new, clone_record, {}, 0)
+
+
+def destroy(dbg, sr, key):
+    """Succeeds on a disk with snapshots, a snapshot with clones, and a key
+    already destroyed; what Ceph cannot delete yet is left to the collector."""
+    with open_sr(sr) as attached:
+        try:
+            record, _, _ = _load(attached, key)
+        except protocol.VolumeDoesNotExist:
+            return None
+        with attached.image_lock(record["image"]):
+            attached.index.write(
+                remove=[volume_field(key), usage_field(key)],
+                remove_prefixes=[key_prefix(key)])
+            if record["snap"] is None:
+                gc.release_image(attached, record["image"])
+            else:
+                gc.release_snapshot(attached, record["image"], record["snap"])
+        gc.start(attached)
+    return None
+
+
+def _change_record(sr, key, change):
+    with open_sr(sr) as attached:
+        if attached.index.update(volume_field(key), change) is None:
+            raise protocol.VolumeDoesNotExist(key)
+
+
+def set_name(dbg, sr, key, new_name):
+    _change_record(sr, key, lambda record: dict(record, name=new_name))
+
+
+def set_description(dbg, sr, key, new_description):
+    _change_record(sr, key, lambda record: dict(record, description=new_description))
+
+
+def _write_keys(sr, key, set_values=None, remove=()):
+    """Change keys of an existing volume (atomically checked to exist)."""
+    with open_sr(sr) as attached:
+        while True:
+            field = volume_field(key)
+            current = attached.index.read_keys([field], "\x00").get(field)
+            if current is None:
+                raise protocol.VolumeDoesNotExist(key)
+            try:
+                attached.index.write(set_values, remove=remove, expect={field: current})
+                return None
+            except metadata.Conflict:
+                continue  # the record changed (e.g. renamed): check again
+
+
+def set_key(dbg, sr, key, k, v):
+    return _write_keys(sr, key, set_values={key_prefix(key) + k: v})
+
+
+def unset_key(dbg, sr, key, k):
+    return _write_keys(sr, key, remove=[key_prefix(key) + k])
+
+
+def resize(dbg, sr, key, new_size):
+    with open_sr(sr) as attached:
+        record, _, _ = _load(attached, key)
+        if record["snap"] is not None:
+            raise protocol.failure("VDI Invalid size",
+                                   "volume %s is a read-only snapshot" % key)
+        new_size = -(-new_size // SECTOR) * SECTOR
+        if new_size < record["size"]:
+            raise protocol.StorageError(
+                ["VDI Invalid size", "shrinking not allowed: volume %s has %d bytes, "
+                 "asked for %d" % (key, record["size"], new_size)],
+                code="SR_BACKEND_FAILURE_79")
+        with attached.image_lock(record["image"]):
+            with _open(attached, key, record["image"]) as image:
+                image.resize(new_size)
+            attached.index.update(volume_field(key),
+                                  lambda current: dict(current, size=new_size))
+
+
+def allocated_bytes(sr, record):
+    """Bytes the volume really has on the cluster, from the object map (fast-diff)."""
+    total = [0]
+
+    def count(offset, length, exists):
+        if exists:
+            total[0] += length
+    with sr.image(record["image"], snapshot=record["snap"], read_only=True) as image:
+        image.diff_iterate(0, image.size(), None, count, include_parent=False,
+                           whole_object=True)
+    return total[0]
+
+
+def stat(dbg, sr, key):
+    with open_sr(sr) as attached:
+        record, keys, cached = _load(attached, key)
+        try:
+            usage = allocated_bytes(attached, record)
+        except rbd.ImageNotFound:
+            raise protocol.VolumeDoesNotExist(key)
+        if usage != cached:
+            attached.index.write({usage_field(key): dumps(
+                {"bytes": usage, "at": metadata.now()})})
+        return view(attached, key, record, keys, usage)

@@ -1,0 +1,34 @@
+"""The volume plugin org.xen.xapi.storage.rbd: each command and where it is done.
+
+Installed as one script with a link per command (see CMakeLists.txt).
+"""
+
+from xcp_rbd import plugin, protocol, sr, volume
+
+COMMANDS = {
+    "Plugin.Query": plugin.query,
+    "Plugin.diagnostics": plugin.diagnostics,
+    "SR.create": sr.create,
+    "SR.attach": sr.attach,
+    "SR.detach": sr.detach,
+    "SR.destroy": sr.destroy,
+    "SR.stat": sr.stat,
+    "SR.ls": sr.ls,
+    "SR.probe": sr.probe,
+    "SR.set_name": sr.set_name,
+    "SR.set_description": sr.set_description,
+    "Volume.create": volume.create,
+    "Volume.destroy": volume.destroy,
+    "Volume.stat": volume.stat,
+    "Volume.set": volume.set_key,
+    "Volume.unset": volume.unset_key,
+    "Volume.set_name": volume.set_name,
+    "Volume.set_description": volume.set_description,
+    "Volume.resize": volume.resize,
+    "Volume.snapshot": volume.snapshot,
+    "Volume.clone": volume.clone,
+}
+
+
+def main():
+    protocol.main(COMMANDS)

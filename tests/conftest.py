@@ -1,0 +1,141 @@
+"""Fixtures: a real one-node Ceph cluster, the plugins installed with CMake, and
+the XAPI-playing tool driving the installed scripts.
+
+Run with /usr/bin/python3 (Debian's rados and rbd bindings are built for it).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from ceph_cluster import LocalCluster  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    with LocalCluster(str(tmp_path_factory.mktemp("ceph"))) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def install(tmp_path_factory):
+    """The project installed with cmake + make install into a fresh prefix."""
+    build = tmp_path_factory.mktemp("build")
+    prefix = tmp_path_factory.mktemp("prefix")
+    subprocess.check_call(["cmake", "-DCMAKE_INSTALL_PREFIX=%s" % prefix,
+                           "-DPYTHON_EXECUTABLE=%s" % sys.executable, ROOT],
+                          cwd=str(build), stdout=subprocess.DEVNULL)
+    subprocess.check_call(["make", "install"], cwd=str(build), stdout=subprocess.DEVNULL)
+    library = os.path.join(str(prefix), "lib", "xcp-rbd", "python")
+    if library not in sys.path:
+        sys.path.insert(0, library)
+    return str(prefix)
+
+
+@pytest.fixture(scope="session")
+def plugin_root(install):
+    return os.path.join(install, "libexec", "xapi-storage-script")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def run_dir(tmp_path_factory):
+    """Host state of the plugins (normally under /var/run/nonpersistent)."""
+    path = str(tmp_path_factory.mktemp("run"))
+    os.environ["XCP_RBD_RUN_DIR"] = path
+    return path
+
+
+@pytest.fixture
+def xapi(plugin_root, tmp_path):
+    from xcp_rbd.xapi import Xapi
+    return Xapi(plugin_root, str(tmp_path / "xapi-state.json"))
+
+
+@pytest.fixture
+def device_config(cluster):
+    """device-config for an SR as the least-privilege user client.xcp."""
+    return {"pool": cluster.pool, "conf": cluster.conf, "user": cluster.user,
+            "keyring": cluster.keyring}
+
+
+@pytest.fixture
+def sr_uuid(xapi, device_config):
+    """A fresh SR, destroyed after the test (if the test did not)."""
+    sr_uuid = xapi.sr_create(device_config, name="test SR", description="pytest")
+    yield sr_uuid
+    if sr_uuid in xapi._state()["device_config"]:
+        xapi.sr_destroy(sr_uuid)
+
+
+@pytest.fixture
+def sr(xapi, sr_uuid):
+    """The attached `sr` string."""
+    return xapi.sr(sr_uuid)
+
+
+def run_script(plugin_root, command, stdin, kind="volume",
+               plugin="org.xen.xapi.storage.rbd", args=("--json",)):
+    """Run a plugin script with raw stdin; return (exit status, parsed stdout, stderr)."""
+    script = os.path.join(plugin_root, kind, plugin, command)
+    process = subprocess.Popen([script] + list(args), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = process.communicate(stdin.encode("utf-8"))
+    return process.returncode, json.loads(out.decode("utf-8")), err.decode("utf-8")
+
+
+def new_uuid():
+    return str(uuid.uuid4())
+
+
+class ImageIO(object):
+    """Reads and writes a volume's data straight through librbd (as the admin),
+    to check what the plugin's operations did to the bytes."""
+
+    def __init__(self, cluster):
+        import rados
+        self.handle = rados.Rados(conffile=cluster.conf, rados_id="admin",
+                                  conf={"keyring": cluster.admin_keyring})
+        self.handle.connect()
+
+    def _image(self, volume):
+        import rbd
+        from xcp_rbd.location import VolumeLocation
+        where = VolumeLocation.parse(volume["uri"][0])
+        ioctx = self.handle.open_ioctx(where.pool)
+        ioctx.set_namespace(where.namespace)
+        return ioctx, rbd.Image(ioctx, where.image, snapshot=where.snap,
+                                read_only=where.snap is not None)
+
+    def write(self, volume, offset, data):
+        ioctx, image = self._image(volume)
+        try:
+            image.write(data, offset)
+            image.flush()
+        finally:
+            image.close()
+            ioctx.close()
+
+    def read(self, volume, offset, length):
+        ioctx, image = self._image(volume)
+        try:
+            return image.read(offset, length)
+        finally:
+            image.close()
+            ioctx.close()
+
+    def close(self):
+        self.handle.shutdown()
+
+
+@pytest.fixture(scope="session")
+def image_io(cluster, install):
+    io = ImageIO(cluster)
+    yield io
+    io.close()
