@@ -14,8 +14,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+# Tests use the library from the source tree; the plugin scripts under test run
+# from the installed tree (see `install`).
+sys.path.insert(0, os.path.join(ROOT, "libs"))
 
 from ceph_cluster import LocalCluster  # noqa: E402
+from install_tree import install as install_tree  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,16 +31,9 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def install(tmp_path_factory):
     """The project installed with cmake + make install into a fresh prefix."""
-    build = tmp_path_factory.mktemp("build")
-    prefix = tmp_path_factory.mktemp("prefix")
-    subprocess.check_call(["cmake", "-DCMAKE_INSTALL_PREFIX=%s" % prefix,
-                           "-DPYTHON_EXECUTABLE=%s" % sys.executable, ROOT],
-                          cwd=str(build), stdout=subprocess.DEVNULL)
-    subprocess.check_call(["make", "install"], cwd=str(build), stdout=subprocess.DEVNULL)
-    library = os.path.join(str(prefix), "lib", "xcp-rbd", "python")
-    if library not in sys.path:
-        sys.path.insert(0, library)
-    return str(prefix)
+    prefix = str(tmp_path_factory.mktemp("prefix"))
+    install_tree(prefix)
+    return prefix
 
 
 @pytest.fixture(scope="session")

@@ -130,8 +130,19 @@ class Connection(object):
         self.rados = handle
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        import rados
+        import rbd
         self.rados.shutdown()
+        if exc_type is not None and issubclass(exc_type, (rados.TimedOut, rbd.Timeout)):
+            raise protocol.failure(
+                "Ceph_unreachable", "%s did not answer within %d seconds (%s)"
+                % (self.config.describe(), self.config.timeout, exc))
+        if exc_type is not None and issubclass(exc_type, (rados.PermissionError,
+                                                          rbd.PermissionError)):
+            raise protocol.failure(
+                "Ceph_permission_denied", "client.%s is not allowed to do this on %s (%s)"
+                % (self.config.user, self.config.describe(), exc))
 
     def open_pool(self, pool, namespace=""):
         """An ioctx on pool/namespace; a clear error if the pool does not exist."""
@@ -147,10 +158,16 @@ class Connection(object):
 
     def mon_command(self, prefix, **args):
         """A monitor command returning JSON; a clear error on failure."""
+        return self._command(self.rados.mon_command, prefix, args)
+
+    def mgr_command(self, prefix, **args):
+        """A manager command (e.g. rbd_support's task queue) returning JSON."""
+        return self._command(self.rados.mgr_command, prefix, args)
+
+    def _command(self, send, prefix, args):
         import json
         args.update(prefix=prefix, format="json")
-        ret, out, err = self.rados.mon_command(json.dumps(args), b"",
-                                               timeout=self.config.timeout)
+        ret, out, err = send(json.dumps(args), b"", timeout=self.config.timeout)
         if ret != 0:
             raise protocol.failure(
                 "Ceph_command_failed", "'%s' failed on %s: %s (error %d)"

@@ -33,6 +33,8 @@ from xcp_rbd.metadata import volume_field
 
 GC_LOCK = "gc"
 GC_LEASE = 60
+JOB_PREFIX = "j."   # j.<image>: a background job on that image (see run_jobs)
+STATS = "gc.stats"  # what the collector did over the SR's life
 
 
 def _user_snapshots(image):
@@ -111,12 +113,38 @@ def adopt(sr, key, record, new):
     return adopted
 
 
-class Collector(object):
-    """One collection pass over an SR (the caller holds the SR's gc lock)."""
+def chain_depth(sr, name):
+    """How many ancestors image `name` has, trashed ones included (opened by id)."""
+    depth = 0
+    image = sr.image(name, read_only=True)
+    try:
+        while True:
+            try:
+                parent = image.parent_id()
+            except rbd.ImageNotFound:
+                return depth
+            image.close()
+            depth += 1
+            image = rbd.Image(sr.ioctx, image_id=parent, read_only=True)
+    finally:
+        image.close()
 
-    def __init__(self, sr, lock):
+
+def flatten_job(depth):
+    """The index entry that asks the collector to flatten an image (see run_jobs)."""
+    return metadata.dumps({"action": "flatten", "depth": depth, "queued": metadata.now()})
+
+
+class Collector(object):
+    """One collection pass over an SR (the caller holds the SR's gc lock).
+
+    `full` also sweeps the images of live volumes for snapshots that no record
+    references (left by a crash inside Volume.snapshot or Volume.clone)."""
+
+    def __init__(self, sr, lock, full):
         self.sr = sr
         self.lock = lock
+        self.full = full
         self.renewed = time.time()
         self.actions = []
 
@@ -131,13 +159,26 @@ class Collector(object):
         """Collect until nothing more can be done; return what was done."""
         while True:
             done = len(self.actions)
-            for name in self.sr.images():
-                self.keep_lock()
-                self.collect_image(name)
+            live, snapshots = _references(self.sr.index.read(prefix="v."))
+            for entry in self.sr.rbd.list2(self.sr.ioctx):
+                name = entry["name"]
+                if name in live and not self.full:
+                    continue  # the common case: a disk in use, nothing to reclaim
+                if name in live or name in snapshots or self.is_ours(name):
+                    self.keep_lock()
+                    self.collect_image(name)
             self.collect_trash()
             self.collect_index()
+            self.run_jobs()
             if len(self.actions) == done:
                 return self.actions
+
+    def is_ours(self, name):
+        try:
+            with self.sr.image(name, read_only=True) as image:
+                return image.metadata_get(metadata.META_SR) == self.sr.location.sr_uuid
+        except (KeyError, rbd.ImageNotFound):
+            return False
 
     def collect_image(self, name):
         lock = self.sr.image_lock(name)
@@ -146,11 +187,23 @@ class Collector(object):
         try:
             live, snapshots = _references(self.sr.index.read(prefix="v."))
             referenced = snapshots.get(name, set())
-            with self.sr.image(name) as image:
-                for snap in _user_snapshots(image):
-                    if snap not in referenced:
+            with self.sr.image(name, read_only=True) as image:
+                stale = [snap for snap in _user_snapshots(image) if snap not in referenced]
+                watched = bool(list(image.watchers_list()))
+                zombie = name not in live and referenced and not watched
+                if zombie:
+                    try:
+                        image.parent_id()
+                        zombie = False  # discarding a clone's head would mask its parent
+                    except rbd.ImageNotFound:
+                        zombie = image.stat()["num_objs"] > 0
+            if stale or zombie:
+                with self.sr.image(name) as image:
+                    for snap in stale:
                         image.remove_snap(snap)
                         self.actions.append("removed snapshot %s@%s" % (name, snap))
+                    if zombie and self.discard_head(image):
+                        self.actions.append("freed the head of hidden image %s" % name)
             if name not in live and not referenced:
                 self.sr.rbd.trash_move(self.sr.ioctx, name, 0)
                 self.actions.append("moved image %s to the trash" % name)
@@ -158,6 +211,19 @@ class Collector(object):
             pass
         finally:
             lock.release()
+
+    @staticmethod
+    def discard_head(image):
+        """Free what only the head of a zombie holds: its snapshots keep theirs, and
+        an adoption rolls the head back from one of them anyway."""
+        used = []
+        image.diff_iterate(0, image.size(), None,
+                           lambda offset, length, exists: used.append(exists) if exists
+                           else None, include_parent=False, whole_object=True)
+        if not used:
+            return False
+        image.discard(0, image.size())
+        return True
 
     def collect_trash(self):
         for entry in self.sr.rbd.trash_list(self.sr.ioctx):
@@ -178,15 +244,77 @@ class Collector(object):
     def collect_index(self):
         entries = self.sr.index.read()
         volumes = {f[2:] for f in entries if f.startswith("v.")}
+        images = {json.loads(v)["image"] for f, v in entries.items() if f.startswith("v.")}
         dangling = [f for f in entries if f[:2] in ("k.", "u.")
                     and f[2:].partition(".")[0] not in volumes]
+        dangling += [f for f in entries if f.startswith(JOB_PREFIX)
+                     and f[len(JOB_PREFIX):] not in images]
         if dangling:
             self.sr.index.write(remove=dangling)
             self.actions.append("dropped %d index entries of destroyed volumes"
                                 % len(dangling))
 
+    def run_jobs(self):
+        """Flatten the images whose clone chain grew past the SR's limit.
 
-def collect(sr, wait=0.0):
+        Ceph's manager (rbd_support) runs the flatten when it can: its task queue
+        is persistent, resumable, runs one task at a time and reports progress.
+        Without it (no mgr caps, old cluster) the collector flattens itself, with
+        few concurrent operations; a flatten is resumable by nature (what was
+        copied up is not copied again)."""
+        for field, value in sorted(self.sr.index.read(prefix=JOB_PREFIX).items()):
+            name = field[len(JOB_PREFIX):]
+            job = json.loads(value)
+            self.keep_lock()
+            try:
+                with self.sr.image(name, read_only=True) as image:
+                    image.parent_id()
+                    size = image.size()
+            except rbd.ImageNotFound:  # flattened (or gone): done
+                self.sr.index.write(remove=[field])
+                self.actions.append("flattened image %s (clone chain of %d)"
+                                    % (name, job["depth"]))
+                self.add_stat("flattened_bytes", job.get("size", 0))
+                continue
+            if job.get("task") and self.mgr_task_running(job["task"]):
+                continue
+            task = self.queue_mgr_flatten(name)
+            if task is None:
+                with self.sr.image(name) as image:
+                    image.flatten(on_progress=lambda done, total: self.keep_lock())
+                continue
+            job.update(task=task, size=size)
+            self.sr.index.write({field: metadata.dumps(job)})
+            self.actions.append("queued a flatten of image %s in Ceph's manager" % name)
+
+    def spec(self, name):
+        return "/".join(p for p in (self.sr.location.pool, self.sr.location.namespace, name)
+                        if p)
+
+    def queue_mgr_flatten(self, name):
+        try:
+            return self.sr.connection.mgr_command(
+                "rbd task add flatten", image_spec=self.spec(name))["id"]
+        except protocol.StorageError as exc:
+            log.info("Ceph's manager cannot flatten %s (%s): flattening here", name, exc)
+            return None
+
+    def mgr_task_running(self, task):
+        try:
+            tasks = self.sr.connection.mgr_command("rbd task list")
+        except protocol.StorageError:
+            return False
+        return any(t["id"] == task for t in tasks)
+
+    def add_stat(self, name, amount):
+        def change(stats):
+            stats[name] = stats.get(name, 0) + amount
+            return stats
+        if self.sr.index.update(STATS, change) is None:
+            self.sr.index.write({STATS: metadata.dumps({name: amount})})
+
+
+def collect(sr, wait=0.0, full=False):
     """Run one collection on an open Sr unless another collector runs it.
 
     Returns the list of actions, or None if another collector holds the SR."""
@@ -197,7 +325,7 @@ def collect(sr, wait=0.0):
     if wait:
         lock.__enter__()
     try:
-        actions = Collector(sr, lock).run()
+        actions = Collector(sr, lock, full).run()
     finally:
         lock.release()
     for action in actions:
@@ -209,7 +337,7 @@ def destroy_everything(sr):
     """SR.destroy: drop every volume record, then collect until the SR is empty."""
     entries = sr.index.read()
     sr.index.write(remove=[f for f in entries if f != metadata.SR_RECORD])
-    collect(sr, wait=2 * GC_LEASE)
+    collect(sr, wait=2 * GC_LEASE, full=True)
     left = sr.images() + [e["name"] for e in sr.rbd.trash_list(sr.ioctx)]
     if left:
         raise protocol.failure(

@@ -18,6 +18,10 @@ SR_SCHEME = "rbd"
 DATAPATH_SCHEME = "rbd+tapdisk"
 DATAPATH_BACKENDS = ("rbd-nbd", "qemu")
 DEFAULT_DATAPATH = "rbd-nbd"
+# Clone chains longer than this are flattened in the background (krbd's hard
+# limit is 16 parents; Cinder's default is 5).
+DEFAULT_MAX_CHAIN_DEPTH = 5
+MAX_CHAIN_DEPTH_LIMIT = 14
 
 
 def _format(scheme, parts, query):
@@ -41,24 +45,43 @@ def _parse(scheme, text, count, what):
 class SrLocation(object):
     """An attached SR: the pool, namespace and uuid, and how to reach the cluster."""
 
-    def __init__(self, pool, namespace, sr_uuid, cluster, datapath=DEFAULT_DATAPATH):
+    def __init__(self, pool, namespace, sr_uuid, cluster, datapath=DEFAULT_DATAPATH,
+                 max_chain_depth=DEFAULT_MAX_CHAIN_DEPTH):
         self.pool = pool
         self.namespace = namespace
         self.sr_uuid = sr_uuid
         self.cluster = cluster
         self.datapath = datapath
+        self.max_chain_depth = max_chain_depth
 
     def __str__(self):
         query = self.cluster.to_mapping()
         if self.datapath != DEFAULT_DATAPATH:
             query["datapath"] = self.datapath
+        if self.max_chain_depth != DEFAULT_MAX_CHAIN_DEPTH:
+            query["max_chain_depth"] = str(self.max_chain_depth)
         return _format(SR_SCHEME, [self.pool, self.namespace, self.sr_uuid], query)
 
     @classmethod
     def parse(cls, text):
         (pool, namespace, sr_uuid), query = _parse(SR_SCHEME, text, 3, "SR")
-        return cls(pool, namespace, sr_uuid, ClusterConfig.from_mapping(query),
-                   query.get("datapath", DEFAULT_DATAPATH))
+        return cls.from_mapping(pool, namespace, sr_uuid, query)
+
+    @classmethod
+    def from_mapping(cls, pool, namespace, sr_uuid, mapping):
+        """From device-config or the sr string's query; a clear error on bad values."""
+        datapath = mapping.get("datapath") or DEFAULT_DATAPATH
+        if datapath not in DATAPATH_BACKENDS:
+            raise protocol.failure(
+                "Invalid_configuration", "datapath must be one of %s, not %r"
+                % (", ".join(DATAPATH_BACKENDS), datapath))
+        depth = mapping.get("max_chain_depth") or str(DEFAULT_MAX_CHAIN_DEPTH)
+        if not depth.isdigit() or not 1 <= int(depth) <= MAX_CHAIN_DEPTH_LIMIT:
+            raise protocol.failure(
+                "Invalid_configuration", "max_chain_depth must be a whole number from 1 "
+                "to %d, not %r" % (MAX_CHAIN_DEPTH_LIMIT, depth))
+        return cls(pool, namespace, sr_uuid, ClusterConfig.from_mapping(mapping),
+                   datapath, int(depth))
 
     def volume_uri(self, image, snap=None):
         query = self.cluster.to_mapping()

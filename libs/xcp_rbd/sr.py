@@ -23,6 +23,8 @@ SR_DOC = {
     "namespace": "RBD namespace inside the pool (default: a namespace of the SR's own, "
                  "so that several SRs can share one pool)",
     "datapath": "how VMs reach the disks: rbd-nbd (default) or qemu",
+    "max_chain_depth": "clone chains longer than this are flattened in the background "
+                       "(default %d)" % location.DEFAULT_MAX_CHAIN_DEPTH,
     "sr_uuid": "set by SR.create: the SR's uuid",
 }
 
@@ -32,15 +34,9 @@ def _location_from_config(configuration, sr_uuid=None):
     if not pool:
         raise protocol.failure("Invalid_configuration",
                                "device-config:pool (the RBD pool of the SR) is required")
-    datapath = configuration.get("datapath", location.DEFAULT_DATAPATH)
-    if datapath not in location.DATAPATH_BACKENDS:
-        raise protocol.failure(
-            "Invalid_configuration", "device-config:datapath must be one of %s, not %r"
-            % (", ".join(location.DATAPATH_BACKENDS), datapath))
-    return location.SrLocation(
+    return location.SrLocation.from_mapping(
         pool, configuration.get("namespace", ""),
-        sr_uuid or configuration.get("sr_uuid", ""),
-        cluster.ClusterConfig.from_mapping(configuration), datapath)
+        sr_uuid or configuration.get("sr_uuid", ""), configuration)
 
 
 def _check_rbd_pool(connection, where):

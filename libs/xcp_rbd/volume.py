@@ -145,10 +145,16 @@ def clone(dbg, sr, key):
                                    attached.ioctx, new, features=FEATURES)
                 _tag_image(attached, new)
                 clone_record = _new_record(new, record, new, None, record["size"])
-                attached.index.write({volume_field(new): dumps(clone_record)})
+                changes = {volume_field(new): dumps(clone_record)}
+                depth = gc.chain_depth(attached, new)
+                if depth > attached.location.max_chain_depth:
+                    changes[gc.JOB_PREFIX + new] = gc.flatten_job(depth)
+                attached.index.write(changes)
             if record["snap"] is None:
                 with attached.image(record["image"]) as image:
                     image.remove_snap(parent_snap)
+        if depth > attached.location.max_chain_depth:
+            gc.start(attached)
         return view(attached, new, clone_record, {}, 0)
 
 
