@@ -24,6 +24,7 @@ stdout gets one JSON object with conf, admin_keyring, mon_host, pool, user, keyr
     /usr/bin/python3 tools/ceph_cluster.py status DIR
     /usr/bin/python3 tools/ceph_cluster.py stop DIR
 
+ceph.conf names the admin keyring for client.admin, so `ceph -c DIR/ceph.conf -s` works.
 Only the ceph command-line tools and daemons are used (no rados bindings), so any Python 3
 can run it. Secrets stay in the keyring files: nothing here prints them.
 """
@@ -98,8 +99,9 @@ def _tail(path, lines=25):
 class LocalCluster:
     """A one-node Ceph cluster (1 mon, 1 mgr, 1 OSD, cephx) living in `workdir`.
 
-    workdir: directory for everything; created (and removed by `stop`) when it is None
-        or does not exist yet; an existing one must be empty and is kept.
+    workdir: directory for everything; created (now if None, else by `start`) and
+        removed by `stop` when it is None or does not exist yet; an existing one must be
+        empty and is kept.
     osd_bytes: OSD capacity (memstore: RAM it may use; bluestore: sparse file size).
     paxos_propose_interval: monitor commit batching; every RBD snapshot waits for one
         commit, so the 1 s default would make snapshots take ~1 s.
@@ -126,6 +128,7 @@ class LocalCluster:
         self.mon_host = None
         self.pools = [self.pool]
         self._procs = {}  # daemon name -> Popen, for the daemons this object started
+        self._status = None  # the last status seen while waiting, for error messages
 
     @classmethod
     def attach(cls, workdir):
@@ -154,25 +157,25 @@ class LocalCluster:
 
     # ----------------------------------------------------------------- commands
 
-    def _run(self, argv, timeout=60, input=None):
+    def _run(self, argv, timeout=60):
         log.debug("run %s", " ".join(argv))
         try:
-            res = subprocess.run(argv, input=input, capture_output=True, text=True,
+            res = subprocess.run(argv, capture_output=True, text=True,
                                  timeout=timeout, umask=0o077)
         except subprocess.TimeoutExpired as e:
             raise ClusterError("timed out after %ss: %s: %s" % (
-                timeout, " ".join(argv), (e.stderr or b"").decode()[-2000:]))
+                timeout, " ".join(argv), (e.stderr or b"").decode()[-2000:])) from None
         if res.returncode:
             raise ClusterError("%s failed (exit %d): %s" % (
                 " ".join(argv), res.returncode, res.stderr.strip()[-2000:]))
         return res.stdout
 
-    def ceph(self, *args, timeout=60, input=None):
+    def ceph(self, *args, timeout=60):
         """Run the ceph CLI as client.admin against this cluster; returns stdout."""
         return self._run(["ceph", "-c", self.conf, "-n", "client.admin",
                           "-k", self.admin_keyring,
                           "--connect-timeout", str(max(1, int(timeout))), *args],
-                         timeout=timeout, input=input)
+                         timeout=timeout)
 
     def ceph_json(self, *args, timeout=60):
         """`ceph(*args, "--format", "json")`, parsed."""
@@ -190,6 +193,7 @@ class LocalCluster:
         if os.path.exists(self.dir) and os.listdir(self.dir):
             raise ClusterError("workdir %s is not empty" % self.dir)
         t0 = time.monotonic()
+        log.info("starting a cluster in %s", self.dir)
         try:
             self._create()
             self._wait_ready(t0 + self.timeout)
@@ -425,7 +429,10 @@ keyring = {admin}
         self._signal_all(signal.SIGCONT)
 
     def stop_osd(self):
-        """Stop the OSD cleanly and wait until the monitor has marked it down."""
+        """Stop the OSD cleanly and wait until the monitor has marked it down.
+
+        A memstore OSD saves its RAM store to its data dir on the way (seconds per GiB),
+        so `start_osd` finds the data again."""
         self._kill([OSD], grace=60)
         self._wait(lambda: self._osd_up() is False, time.monotonic() + self.timeout,
                    "osd.0 marked down")

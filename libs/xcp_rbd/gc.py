@@ -358,22 +358,39 @@ def start(sr):
 
 
 def status(sr):
-    """What the SR holds and what waits for the collector (for diagnostics)."""
+    """What the SR holds and what waits for the collector (diagnostics, the tool)."""
     entries = sr.index.read()
     live, snapshots = _references(entries)
-    images = sr.images()
+    names = [entry["name"] for entry in sr.rbd.list2(sr.ioctx)]
     trash = [entry["name"] for entry in sr.rbd.trash_list(sr.ioctx)]
     lock = sr.index.lock(GC_LOCK, lease=GC_LEASE)
     running = not lock.try_acquire()
     if not running:
         lock.release()
+    try:
+        tasks = {t["id"]: t for t in sr.connection.mgr_command("rbd task list")}
+    except protocol.StorageError:
+        tasks = {}
+    jobs = []
+    for field, value in sorted(entries.items()):
+        if field.startswith(JOB_PREFIX):
+            job = json.loads(value)
+            task = tasks.get(job.get("task"), {})
+            job.update(image=field[len(JOB_PREFIX):], running=bool(task.get("in_progress")),
+                       progress=task.get("progress", 0.0))
+            jobs.append(job)
+    clones = sorted({json.loads(v)["image"] for f, v in entries.items()
+                     if f.startswith("v.") and json.loads(v).get("depth")})
     return {
         "volumes": len(live),
         "snapshots": sum(len(s) for s in snapshots.values()),
-        "hidden_images": sorted(i for i in images if i not in live and i in snapshots),
+        "hidden_images": sorted(i for i in names if i not in live and i in snapshots),
         "awaiting_collection": sorted(
-            [i for i in images if i not in live and i not in snapshots] + trash),
+            [i for i in names if i not in live and i not in snapshots] + trash),
+        "chain_depths": {name: chain_depth(sr, name) for name in clones if name in names},
+        "jobs": jobs,
         "collector_running": running,
+        "collected": json.loads(entries.get(STATS, "{}")),
     }
 
 

@@ -144,9 +144,10 @@ def clone(dbg, sr, key):
                 attached.rbd.clone(attached.ioctx, record["image"], parent_snap,
                                    attached.ioctx, new, features=FEATURES)
                 _tag_image(attached, new)
-                clone_record = _new_record(new, record, new, None, record["size"])
-                changes = {volume_field(new): dumps(clone_record)}
                 depth = gc.chain_depth(attached, new)
+                clone_record = dict(_new_record(new, record, new, None, record["size"]),
+                                    depth=depth)
+                changes = {volume_field(new): dumps(clone_record)}
                 if depth > attached.location.max_chain_depth:
                     changes[gc.JOB_PREFIX + new] = gc.flatten_job(depth)
                 attached.index.write(changes)

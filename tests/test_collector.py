@@ -1,0 +1,244 @@
+"""Snapshots at Ceph speed for life: revert by adoption, hidden images, the
+collector, chain depth, orphans."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from xcp_rbd import gc, metadata
+from xcp_rbd.attached import open_sr
+
+MiB = 1 << 20
+
+
+def namespace_contents(cluster, xapi, sr_uuid):
+    """Images (with their snapshots, trash-namespace ones included) and trash entries."""
+    namespace = xapi._state()["device_config"][sr_uuid]["namespace"]
+    spec = "%s/%s" % (cluster.pool, namespace)
+    images = cluster.rbd("ls", spec).split()
+    snaps = {image: cluster.rbd("snap", "ls", "--all", "%s/%s" % (spec, image)).strip()
+             for image in images}
+    trash = cluster.rbd("trash", "ls", "--all", spec).strip()
+    return images, snaps, trash
+
+
+def collect(sr, full=False):
+    with open_sr(sr) as attached:
+        return gc.collect(attached, wait=120, full=full)
+
+
+def test_fifty_reverts_keep_data_and_chain(xapi, sr_uuid, sr, image_io):
+    disk = xapi.vdi_create(sr_uuid, 64 * MiB, name="vm disk")
+    snapshots = []
+    for cycle in range(50):
+        payload = ("cycle %d " % cycle).encode() * 100
+        offset = random.Random(cycle).randrange(0, 60) * MiB
+        image_io.write(disk, offset, payload)
+        snap = xapi.vdi_snapshot(sr_uuid, disk["key"])
+        snapshots.append((snap, offset, payload))
+        image_io.write(disk, offset, b"x" * len(payload))  # changed after the snapshot
+        disk = xapi.snapshot_revert(sr_uuid, snap["key"], disk["key"])
+        assert image_io.read(disk, offset, len(payload)) == payload
+        if cycle % 10 == 9:   # some snapshots get deleted along the way
+            old, _, _ = snapshots.pop(0)
+            xapi.vdi_destroy(sr_uuid, old["key"])
+    with open_sr(sr) as attached:
+        assert gc.chain_depth(attached, disk["uri"][0].split("?")[0].rsplit("/", 1)[1]) == 0
+    listed = {v["key"]: v for v in xapi.sr_scan(sr_uuid)}
+    assert set(listed) == {disk["key"]} | {s["key"] for s, _, _ in snapshots}
+    for snap, offset, payload in snapshots:
+        assert image_io.read(snap, offset, len(payload)) == payload
+        # lineage: every snapshot is re-pointed at the reverted disk
+        assert listed[snap["key"]]["keys"]["snapshot_of"] == disk["key"]
+
+
+def destroy_in_order(xapi, sr_uuid, volumes, order):
+    for key in order:
+        xapi.vdi_destroy(sr_uuid, volumes[key]["key"])
+
+
+@pytest.mark.parametrize("order", [
+    ["snap", "snap2", "disk", "clone", "copy"],     # snapshots first
+    ["disk", "snap", "snap2", "copy", "clone"],     # live disk first
+    ["clone", "copy", "snap2", "disk", "snap"],     # clones first
+])
+def test_destroy_in_every_order_leaves_pool_empty(xapi, sr_uuid, sr, cluster, image_io,
+                                                  order):
+    disk = xapi.vdi_create(sr_uuid, 16 * MiB)
+    image_io.write(disk, 0, b"data" * 1000)
+    volumes = {"disk": disk}
+    volumes["snap"] = xapi.vdi_snapshot(sr_uuid, disk["key"])
+    volumes["snap2"] = xapi.vdi_snapshot(sr_uuid, disk["key"])
+    volumes["clone"] = xapi.vdi_clone(sr_uuid, volumes["snap"]["key"])
+    volumes["copy"] = xapi.vdi_clone(sr_uuid, disk["key"])
+    destroy_in_order(xapi, sr_uuid, volumes, order)
+    assert xapi.sr_scan(sr_uuid) == []
+    collect(sr, full=True)
+    images, snaps, trash = namespace_contents(cluster, xapi, sr_uuid)
+    assert (images, trash) == ([], "")
+    with open_sr(sr) as attached:
+        left = [f for f in attached.index.read() if f != metadata.SR_RECORD]
+    assert left == []
+
+
+def test_hidden_images_are_reported_and_freed(xapi, sr_uuid, sr, image_io):
+    disk = xapi.vdi_create(sr_uuid, 16 * MiB)
+    image_io.write(disk, 0, b"a" * MiB)
+    snap = xapi.vdi_snapshot(sr_uuid, disk["key"])
+    image_io.write(disk, 4 * MiB, b"b" * (4 * MiB))   # only the head holds this
+    xapi.vdi_destroy(sr_uuid, disk["key"])
+    with open_sr(sr) as attached:
+        status = gc.status(attached)
+        image = disk["uri"][0].split("?")[0].rsplit("/", 1)[1]
+        assert status["hidden_images"] == [image]
+        gc.collect(attached, wait=120)
+        with attached.image(image, read_only=True) as opened:
+            used = []
+            opened.diff_iterate(0, opened.size(), None,
+                                lambda o, length, e: used.append(length) if e else None,
+                                include_parent=False, whole_object=True)
+        assert used == []  # the head was discarded; the snapshot keeps its data
+    assert image_io.read(snap, 0, 4) == b"aaaa"
+    # and a later clone of the snapshot still gets the snapshot's data back
+    clone = xapi.vdi_clone(sr_uuid, snap["key"])
+    assert image_io.read(clone, 0, 4) == b"aaaa"
+    assert image_io.read(clone, 4 * MiB, 4) == b"\0\0\0\0"
+
+
+def test_chain_depth_bounded_after_collection(xapi, device_config, image_io, cluster):
+    sr_uuid = xapi.sr_create(dict(device_config, max_chain_depth="2"), name="chains")
+    sr = xapi.sr(sr_uuid)
+    disk = xapi.vdi_create(sr_uuid, 8 * MiB)
+    image_io.write(disk, 0, b"root")
+    for level in range(5):   # each generation a clone of the previous one
+        disk = xapi.vdi_clone(sr_uuid, disk["key"])
+        image_io.write(disk, (level + 1) * MiB, b"lvl%d" % level)
+    deadline = time.time() + 120
+    with open_sr(sr) as attached:
+        while True:
+            gc.collect(attached, wait=120)
+            depths = [gc.chain_depth(attached, name) for name in attached.images()]
+            if max(depths) <= 2 or time.time() > deadline:
+                break
+            time.sleep(1)  # the manager's flatten tasks run on their own
+        assert max(depths) <= 2
+        assert attached.index.read(prefix=gc.JOB_PREFIX) == {}
+    assert image_io.read(disk, 0, 4) == b"root"
+    assert image_io.read(disk, 5 * MiB, 4) == b"lvl4"
+    xapi.sr_destroy(sr_uuid)
+
+
+def test_two_collectors_do_not_both_run(sr):
+    with open_sr(sr) as first, open_sr(sr) as second:
+        lock = first.index.lock(gc.GC_LOCK, lease=gc.GC_LEASE)
+        assert lock.try_acquire()
+        try:
+            assert gc.collect(second) is None     # the second one gives up at once
+            assert gc.status(second)["collector_running"] is True
+        finally:
+            lock.release()
+        assert gc.collect(second) is not None
+
+
+def test_collectors_started_at_once_run_one_at_a_time(sr):
+    results = []
+
+    def run():
+        with open_sr(sr) as attached:
+            results.append(gc.collect(attached))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4  # none failed; those that found the lock taken said so
+    assert any(r is not None for r in results)
+
+
+def test_killed_collector_restarts_and_finishes(xapi, sr_uuid, sr, cluster, install):
+    for _ in range(6):
+        disk = xapi.vdi_create(sr_uuid, 8 * MiB)
+        snap = xapi.vdi_snapshot(sr_uuid, disk["key"])
+        xapi.vdi_clone(sr_uuid, snap["key"])
+    for vdi in xapi.sr_scan(sr_uuid):
+        xapi.volume("Volume.destroy", sr=sr, key=vdi["key"])  # no collector of its own...
+    library = os.path.join(install, "lib", "xcp-rbd", "python")
+    env = dict(os.environ, PYTHONPATH=library)
+    for delay in (0.05, 0.2, 0.5, 1.0):     # ...but several killed at random points
+        collector = subprocess.Popen([sys.executable, "-m", "xcp_rbd.gc", sr], env=env)
+        time.sleep(delay)
+        collector.send_signal(signal.SIGKILL)
+        collector.wait()
+    with open_sr(sr) as attached:
+        # the killed holder's lease has to run out before anyone collects again
+        deadline = time.time() + gc.GC_LEASE + 30
+        while gc.collect(attached, full=True) is None and time.time() < deadline:
+            time.sleep(2)
+    images, _, trash = namespace_contents(cluster, xapi, sr_uuid)
+    assert (images, trash) == ([], "")
+
+
+def test_orphans_are_cleaned_but_not_volumes_being_created(xapi, sr_uuid, sr, cluster):
+    with open_sr(sr) as attached:
+        # what a Volume.create killed between the image and its record leaves
+        attached.rbd.create(attached.ioctx, "orphan", 4 * MiB)
+        with attached.image("orphan") as image:
+            image.metadata_set(metadata.META_SR, attached.location.sr_uuid)
+        # a Volume.create in progress: it holds the image lock until its record exists
+        attached.rbd.create(attached.ioctx, "being-created", 4 * MiB)
+        with attached.image("being-created") as image:
+            image.metadata_set(metadata.META_SR, attached.location.sr_uuid)
+        # a snapshot left by a Volume.snapshot killed before its record
+        disk = xapi.vdi_create(sr_uuid, 4 * MiB)
+        with attached.image(disk["key"]) as image:
+            image.create_snap("left-behind")
+        # something that is not ours
+        attached.rbd.create(attached.ioctx, "not-ours", 4 * MiB)
+        with attached.image_lock("being-created"):
+            gc.collect(attached, wait=120, full=True)
+        names = {e["name"] for e in attached.rbd.list2(attached.ioctx)}
+        assert "orphan" not in names
+        assert {"being-created", "not-ours", disk["key"]} <= names
+        with attached.image(disk["key"], read_only=True) as image:
+            assert [s["name"] for s in image.list_snaps()] == []
+        attached.rbd.remove(attached.ioctx, "not-ours")
+        attached.rbd.remove(attached.ioctx, "being-created")
+
+
+def test_diagnostics_and_tool_show_jobs_and_hidden(xapi, sr_uuid, sr):
+    disk = xapi.vdi_create(sr_uuid, 4 * MiB)
+    xapi.vdi_snapshot(sr_uuid, disk["key"])
+    xapi.vdi_destroy(sr_uuid, disk["key"])
+    from xcp_rbd.xapi import collect as tool_collect
+    report = tool_collect(sr, wait=60)
+    assert report["status"]["hidden_images"] == [disk["key"]]
+    assert "chain_depths" in report["status"]
+
+
+def test_physical_utilisation_is_allocated_bytes(xapi, sr_uuid, sr, image_io):
+    disk = xapi.vdi_create(sr_uuid, 64 * MiB)
+    assert xapi.volume("Volume.stat", sr=sr, key=disk["key"])["physical_utilisation"] == 0
+    image_io.write(disk, 0, b"z" * (8 * MiB))
+    used = xapi.volume("Volume.stat", sr=sr, key=disk["key"])["physical_utilisation"]
+    assert 8 * MiB <= used <= 12 * MiB   # object granularity (4 MiB objects)
+
+
+def test_clone_of_watched_zombie_falls_back_to_v2_clone(xapi, sr_uuid, sr, image_io):
+    disk = xapi.vdi_create(sr_uuid, 8 * MiB)
+    image_io.write(disk, 0, b"snap")
+    snap = xapi.vdi_snapshot(sr_uuid, disk["key"])
+    xapi.vdi_destroy(sr_uuid, disk["key"])
+    with open_sr(sr) as attached:
+        with attached.image(disk["key"]):   # a stale VM still has it open
+            clone = xapi.vdi_clone(sr_uuid, snap["key"])
+    assert clone["uri"][0].split("?")[0].rsplit("/", 1)[1] == clone["key"]  # a new image
+    assert image_io.read(clone, 0, 4) == b"snap"
+    second = xapi.vdi_clone(sr_uuid, snap["key"])   # and a second clone is a v2 clone too
+    assert image_io.read(second, 0, 4) == b"snap"
