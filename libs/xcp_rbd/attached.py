@@ -2,11 +2,15 @@
 
 import contextlib
 import json
+import time
 
 import rbd
 
 from xcp_rbd import cluster, location, metadata, protocol
 from xcp_rbd.metadata import Index
+
+
+USAGE_REFRESH = 600  # seconds after which a cached usage is measured again
 
 
 class Sr(object):
@@ -35,6 +39,26 @@ class Sr(object):
 
     def image(self, name, snapshot=None, read_only=False):
         return rbd.Image(self.ioctx, name, snapshot=snapshot, read_only=read_only)
+
+    def allocated_bytes(self, name, snap=None):
+        """Bytes image `name` (at snapshot `snap`) really has on the cluster, from
+        its object map (fast-diff): object granularity, a few ms whatever the size."""
+        total = [0]
+
+        def count(offset, length, exists):
+            if exists:
+                total[0] += length
+        with self.image(name, snapshot=snap, read_only=True) as image:
+            image.diff_iterate(0, image.size(), None, count, include_parent=False,
+                               whole_object=True)
+        return total[0]
+
+    def cache_usage(self, key, usage, cached=None):
+        """Remember a volume's usage for SR.ls, with when it was measured."""
+        if cached is None or cached.get("bytes") != usage or \
+                time.time() - cached.get("at", 0) > USAGE_REFRESH:
+            self.index.write({metadata.usage_field(key): metadata.dumps(
+                {"bytes": usage, "at": int(time.time())})})
 
     def images(self):
         """Names of the RBD images of this SR's namespace that belong to it."""

@@ -28,7 +28,7 @@ import time
 import rbd
 
 from xcp_rbd import log, metadata, protocol
-from xcp_rbd.attached import open_sr
+from xcp_rbd.attached import USAGE_REFRESH, open_sr
 from xcp_rbd.metadata import volume_field
 
 GC_LOCK = "gc"
@@ -157,6 +157,7 @@ class Collector(object):
 
     def run(self):
         """Collect until nothing more can be done; return what was done."""
+        self.refresh_usage()
         while True:
             done = len(self.actions)
             live, snapshots = _references(self.sr.index.read(prefix="v."))
@@ -172,6 +173,30 @@ class Collector(object):
             self.run_jobs()
             if len(self.actions) == done:
                 return self.actions
+
+    def refresh_usage(self, limit=200):
+        """Measure the usage SR.ls reports where it is missing or old (Volume.stat
+        refreshes it for the volumes XAPI looks at; this catches the others)."""
+        entries = self.sr.index.read()
+        stale_before = time.time() - 6 * USAGE_REFRESH
+        refreshed = 0
+        for field, value in sorted(entries.items()):
+            if not field.startswith("v.") or refreshed >= limit:
+                continue
+            key = field[2:]
+            cached = json.loads(entries.get(metadata.usage_field(key), "{}"))
+            if cached.get("at", 0) > stale_before:
+                continue
+            record = json.loads(value)
+            self.keep_lock()
+            try:
+                usage = self.sr.allocated_bytes(record["image"], record["snap"])
+            except rbd.ImageNotFound:
+                continue
+            self.sr.cache_usage(key, usage, cached)
+            refreshed += 1
+        if refreshed:
+            self.actions.append("measured the usage of %d volumes" % refreshed)
 
     def is_ours(self, name):
         try:
@@ -389,9 +414,17 @@ def status(sr):
             [i for i in names if i not in live and i not in snapshots] + trash),
         "chain_depths": {name: chain_depth(sr, name) for name in clones if name in names},
         "jobs": jobs,
+        "usage_measured_seconds_ago": _oldest_usage_age(entries),
         "collector_running": running,
         "collected": json.loads(entries.get(STATS, "{}")),
     }
+
+
+def _oldest_usage_age(entries):
+    """How fresh SR.ls's physical_utilisation is: the age of its oldest measure."""
+    measured = [json.loads(entries.get(metadata.usage_field(f[2:]), '{"at": 0}'))["at"]
+                for f in entries if f.startswith("v.")]
+    return int(time.time() - min(measured)) if measured else 0
 
 
 def main():

@@ -29,7 +29,7 @@ CREATE_LOCK_LEASE = 15  # a killed create blocks the collector this long at most
 
 
 def _split(entries):
-    """Index entries -> {key: (record, keys, usage)} for every volume."""
+    """Index entries -> {key: (record, keys, cached usage)} for every volume."""
     volumes = {}
     custom = {}
     usage = {}
@@ -41,8 +41,8 @@ def _split(entries):
             key, _, name = rest.partition(".")
             custom.setdefault(key, {})[name] = value
         elif kind == "u":
-            usage[rest] = json.loads(value)["bytes"]
-    return {key: (record, custom.get(key, {}), usage.get(key, 0))
+            usage[rest] = json.loads(value)
+    return {key: (record, custom.get(key, {}), usage.get(key, {}))
             for key, record in volumes.items()}
 
 
@@ -67,7 +67,8 @@ def view(sr, key, record, keys, usage):
 
 
 def views(sr, entries):
-    return [view(sr, key, *found) for key, found in sorted(_split(entries).items())]
+    return [view(sr, key, record, keys, usage.get("bytes", 0))
+            for key, (record, keys, usage) in sorted(_split(entries).items())]
 
 
 def _new_record(key, source, image, snap, size):
@@ -235,27 +236,12 @@ def resize(dbg, sr, key, new_size):
                                   lambda current: dict(current, size=new_size))
 
 
-def allocated_bytes(sr, record):
-    """Bytes the volume really has on the cluster, from the object map (fast-diff)."""
-    total = [0]
-
-    def count(offset, length, exists):
-        if exists:
-            total[0] += length
-    with sr.image(record["image"], snapshot=record["snap"], read_only=True) as image:
-        image.diff_iterate(0, image.size(), None, count, include_parent=False,
-                           whole_object=True)
-    return total[0]
-
-
 def stat(dbg, sr, key):
     with open_sr(sr) as attached:
         record, keys, cached = _load(attached, key)
         try:
-            usage = allocated_bytes(attached, record)
+            usage = attached.allocated_bytes(record["image"], record["snap"])
         except rbd.ImageNotFound:
             raise protocol.VolumeDoesNotExist(key)
-        if usage != cached:
-            attached.index.write({usage_field(key): dumps(
-                {"bytes": usage, "at": metadata.now()})})
+        attached.cache_usage(key, usage, cached)
         return view(attached, key, record, keys, usage)

@@ -1,0 +1,150 @@
+#!/usr/bin/python3
+"""Snapshots at Ceph speed for life: revert cost, background copies, chain
+depth, SR.ls/SR.stat at scale and read latency after many reverts.
+
+- revert = XAPI's sequence through the installed scripts (Volume.stat,
+  Volume.destroy of the live disk, Volume.clone of the snapshot), on a disk with
+  64 MiB written and on one with 4 GiB written, next to the flatten-based revert
+  older drivers do (rbd clone of the snapshot, then rbd flatten) on the same data;
+- bytes the collector copied (flattens) over 50 write/snapshot/revert cycles,
+  and the disk's clone-chain depth at the end;
+- SR.ls and SR.stat with 2 000 volumes (snapshots included) next to `rbd ls -l`;
+- 4 KiB random read latency straight through librbd (`rbd bench`, one thread;
+  fio's rbd engine cannot open images in a namespace) after 1 and 50 cycles.
+
+The cluster uses BlueStore on a sparse file (not RAM), as real OSDs do.
+
+    /usr/bin/python3 bench/bench_revert.py [--big 4G] [--cycles 50] [--volumes 2000]
+"""
+
+import argparse
+import re
+import subprocess
+import threading
+
+from common import environment, median_ms, print_table, timed
+
+from xcp_rbd import gc
+from xcp_rbd.attached import open_sr
+from xcp_rbd.xapi import parse_size
+
+MiB = 1 << 20
+
+
+def image_of(volume):
+    return volume["uri"][0].split("?")[0].rsplit("/", 1)[1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--big", default="4G")
+    parser.add_argument("--cycles", type=int, default=50)
+    parser.add_argument("--volumes", type=int, default=2000)
+    args = parser.parse_args()
+    big = parse_size(args.big)
+
+    with environment(objectstore="bluestore", osd_bytes=4 * big + (8 << 30)) as (
+            cluster, xapi, config):
+        sr_uuid = xapi.sr_create(config, name="bench")
+        sr = xapi.sr(sr_uuid)
+        namespace = xapi._state()["device_config"][sr_uuid]["namespace"]
+
+        def spec(name):
+            return "%s/%s/%s" % (cluster.pool, namespace, name)
+
+        def write(volume, total, pattern="seq"):
+            cluster.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-threads", "8",
+                        "--io-total", str(total), "--io-pattern", pattern,
+                        spec(image_of(volume)), timeout=1800)
+
+        rows = []
+        reverts = {}
+        for label, size in (("64 MiB", 64 * MiB), (args.big, big)):
+            disk = xapi.vdi_create(sr_uuid, big + 1024 * MiB, name="revert " + label)
+            write(disk, size)
+            snap = xapi.vdi_snapshot(sr_uuid, disk["key"])
+            write(disk, 64 * MiB, "rand")  # the guest changed things after the snapshot
+            new, seconds = timed(xapi.snapshot_revert, sr_uuid, snap["key"], disk["key"])
+            reverts[label] = seconds
+            # the old drivers' way, same snapshot and data: clone, then flatten
+            _, flatten = timed(lambda: (
+                cluster.rbd("clone", "--rbd-default-clone-format", "2",
+                            spec("%s@%s" % (image_of(new), snap["key"])), spec("flat-" + label.replace(" ", ""))),
+                cluster.rbd("flatten", "--no-progress", spec("flat-" + label.replace(" ", "")),
+                            timeout=3600)))
+            rows.append(("revert, %s written" % label, "%.0f" % (seconds * 1000),
+                         "clone + rbd flatten", "%.0f" % (flatten * 1000),
+                         "%.1fx faster" % (flatten / seconds)))
+            cluster.rbd("rm", "--no-progress", spec("flat-" + label.replace(" ", "")),
+                        timeout=600)
+            xapi.vdi_destroy(sr_uuid, new["key"])
+            xapi.vdi_destroy(sr_uuid, snap["key"])
+        rows.append(("revert %s / revert 64 MiB" % args.big,
+                     "%.2f" % (reverts[args.big] / reverts["64 MiB"]), "target", "<= 3", ""))
+
+        # 50 cycles of write, snapshot, revert on one disk
+        disk = xapi.vdi_create(sr_uuid, 1024 * MiB, name="cycled")
+        write(disk, 256 * MiB)
+        latency = {}
+
+        def read_latency_us():
+            out = cluster.rbd("bench", "--io-type", "read", "--io-size", "4K",
+                              "--io-threads", "1", "--io-total", "32M", "--io-pattern", "rand",
+                              spec(image_of(disk)), timeout=600)
+            ops = float(re.findall(r"ops/sec:\s*([\d.]+)", out)[-1])
+            return 1e6 / ops
+
+        for cycle in range(1, args.cycles + 1):
+            write(disk, 16 * MiB, "rand")
+            snap = xapi.vdi_snapshot(sr_uuid, disk["key"])
+            disk = xapi.snapshot_revert(sr_uuid, snap["key"], disk["key"])
+            if cycle in (1, args.cycles):
+                latency[cycle] = read_latency_us()
+        with open_sr(sr) as attached:
+            gc.collect(attached, wait=300)
+            status = gc.status(attached)
+            depth = gc.chain_depth(attached, image_of(disk))
+        copied = status["collected"].get("flattened_bytes", 0)
+        rows.append(("bytes copied by the collector over %d cycles" % args.cycles,
+                     str(copied), "target", "0", ""))
+        rows.append(("clone-chain depth after %d cycles" % args.cycles, str(depth), "", "", ""))
+        rows.append(("4K random read latency, after 1 cycle (us)", "%.0f" % latency[1],
+                     "after %d cycles" % args.cycles, "%.0f" % latency[args.cycles],
+                     "%+.1f %%" % (100.0 * (latency[args.cycles] / latency[1] - 1))))
+
+        # SR.ls and SR.stat with --volumes volumes, snapshots included
+        todo = [max(args.volumes - len(xapi.volume("SR.ls", sr=sr)), 0)]
+        lock = threading.Lock()
+
+        def fill():
+            while True:
+                with lock:
+                    if todo[0] <= 0:
+                        return
+                    todo[0] -= 2
+                vdi = xapi.volume("Volume.create", sr=sr, name="filler", description="",
+                                  size=1 << 30, sharable=False)
+                xapi.volume("Volume.snapshot", sr=sr, key=vdi["key"])
+
+        threads = [threading.Thread(target=fill) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        count = len(xapi.volume("SR.ls", sr=sr))
+        samples = 5
+        ls = median_ms([timed(xapi.volume, "SR.ls", sr=sr)[1] for _ in range(samples)])
+        stat = median_ms([timed(xapi.volume, "SR.stat", sr=sr)[1] for _ in range(samples)])
+        rbd_ls = median_ms([timed(subprocess.check_call,
+                                  ["rbd", "-c", cluster.conf, "ls", "-l",
+                                   "%s/%s" % (cluster.pool, namespace)],
+                                  stdout=subprocess.DEVNULL)[1] for _ in range(samples)])
+        rows.append(("SR.ls, %d volumes (ms)" % count, "%.0f" % ls, "rbd ls -l", "%.0f" % rbd_ls,
+                     "%.1fx" % (ls / rbd_ls)))
+        rows.append(("SR.stat, %d volumes (ms)" % count, "%.0f" % stat, "target", "< 1000", ""))
+        print_table("Revert and scale (times in ms unless said)",
+                    ["measure", "ours", "baseline", "baseline value", "comparison"], rows)
+
+
+if __name__ == "__main__":
+    main()

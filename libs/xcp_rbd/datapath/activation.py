@@ -1,0 +1,159 @@
+"""Exclusive activation: one host at a time writes a volume, and a dead host is
+fenced before another takes over.
+
+Datapath.attach may run on several hosts at once (live migration attaches on
+the destination while the source is still active), so the exclusion is taken
+by Datapath.activate and dropped by Datapath.deactivate.
+
+Design: the plugin's scripts live for one call, so no lock held by a process
+of theirs (a librbd managed lock, a cls lock, which only its locker may
+unlock) can last from activate to deactivate; and the long-lived process that
+writes, qemu or rbd-nbd, cannot be asked to hold one (qemu has no option for
+it). So the lock is a record, `xcp_rbd.activation` in the omap of the image's
+RBD header object, changed only by atomic compare-and-set:
+
+    {"host": <host uuid>, "hostname", "since", "clients": [<addresses>]}
+
+`clients` are the Ceph client addresses of the data process that activate
+started (the watchers that its opening of the image added). A holder is
+alive while one of them still watches the image: Ceph drops the watch of a
+client that dies or hangs (osd_client_watch_timeout, 30 s by default). A
+record whose clients no longer watch is taken over, and only after each of
+them is blocklisted, so a half-dead host that wakes up can never write again.
+The record lives and dies with the image and librbd ignores it.
+"""
+
+import json
+import time
+
+import rbd
+
+from xcp_rbd import log, protocol
+from xcp_rbd.metadata import Conflict, Index, dumps
+
+FIELD = "xcp_rbd.activation"
+_ATTEMPTS = 10
+
+
+def _blocklist(connection, address):
+    # Renamed from blacklist_add in Pacific; EL7 dom0s may have older bindings.
+    add = getattr(connection.rados, "blocklist_add", None) or connection.rados.blacklist_add
+    add(address)
+
+
+class ActivatedOnAnotherHost(protocol.StorageError):
+    def __init__(self, where, holder, alive):
+        super(ActivatedOnAnotherHost, self).__init__([
+            "Activated_on_another_host", holder["host"],
+            "%s is active on host %s (%s) since %s (its client %s still watches the "
+            "image): deactivate it there first; if that host is dead, Ceph drops its "
+            "watch within osd_client_watch_timeout (30 s by default), then activate "
+            "takes over" % (where.spec, holder["host"], holder.get("hostname", "?"),
+                            holder.get("since", "?"), ", ".join(sorted(alive)))])
+
+
+class ActivationLock(object):
+    """The activation record of one writable image (a context manager)."""
+
+    def __init__(self, connection, where):
+        self.connection = connection
+        self.where = where
+        self.ioctx = None
+        self.index = None
+
+    def __enter__(self):
+        self.ioctx = self.connection.open_pool(self.where.pool, self.where.namespace)
+        with self._image() as image:
+            self.index = Index(self.ioctx, "rbd_header." + image.id())
+        return self
+
+    def __exit__(self, *exc):
+        self.ioctx.close()
+
+    def _image(self):
+        try:
+            return rbd.Image(self.ioctx, self.where.image, read_only=True)
+        except rbd.ImageNotFound:
+            raise protocol.failure("Volume_missing", "image %s does not exist"
+                                   % self.where.spec)
+
+    def watchers(self):
+        """Addresses of the clients watching the image (a read-only open adds none)."""
+        with self._image() as image:
+            return set(watcher["addr"] for watcher in image.watchers_list())
+
+    def holder(self):
+        """(raw value, record) of the activation record; ("", None) if there is none."""
+        raw = self.index.read_keys([FIELD], "\x00").get(FIELD, "")
+        return raw, (json.loads(raw) if raw else None)
+
+    def _change(self, change):
+        """Apply change(raw, record) -> new record, None to remove, or False to
+        leave alone, until no other host changed the record in between."""
+        for _ in range(_ATTEMPTS):
+            raw, record = self.holder()
+            new = change(raw, record)
+            if new is False:
+                return record
+            try:
+                if new is None:
+                    self.index.write(remove=[FIELD], expect={FIELD: raw})
+                else:
+                    self.index.write({FIELD: dumps(new)}, expect={FIELD: raw})
+                return new
+            except Conflict:
+                continue
+        raise protocol.failure("Busy", "the activation of %s changed constantly: try again"
+                               % self.where.spec)
+
+    def acquire(self, me):
+        """Make this host the holder, fencing a dead holder first; raise
+        ActivatedOnAnotherHost while the holder (even this host, in an
+        earlier life) still has a client watching the image."""
+        def claim(raw, holder):
+            if holder is not None:
+                self._take_over(holder)
+            return dict(me, since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        clients=[])
+        self._change(claim)
+
+    def _take_over(self, holder):
+        watching = self.watchers()
+        clients = holder.get("clients", [])
+        # With no recorded clients (an activation that died half-way), any
+        # watcher may be the holder's: only an unwatched image is free.
+        alive = watching.intersection(clients) if clients else watching
+        if alive:
+            raise ActivatedOnAnotherHost(self.where, holder, alive)
+        for address in clients:
+            _blocklist(self.connection, address)
+        log.warning("%s: taking over from host %s (%s), whose clients %s no longer watch "
+                    "the image and are now blocklisted", self.where.spec, holder["host"],
+                    holder.get("hostname", "?"), ", ".join(clients) or "(none)")
+
+    def record_clients(self, me, before):
+        """Record as our clients the watchers added since `before` (by the data
+        process that activate just started); returns them."""
+        clients = sorted(self.watchers() - before)
+
+        def update(raw, holder):
+            if holder is None or holder["host"] != me["host"]:
+                raise protocol.failure(
+                    "Activation_lost", "the activation of %s was taken over while it "
+                    "was activated here" % self.where.spec)
+            return dict(holder, clients=clients)
+        self._change(update)
+        return clients
+
+    def release(self, me, fence=()):
+        """Drop this host's record, blocklisting `fence` first (clients of a data
+        process that died or was killed, which must never write again). A record
+        of another host (which took over from us) is left alone."""
+        for address in fence:
+            _blocklist(self.connection, address)
+
+        def drop(raw, holder):
+            if holder is None or holder["host"] != me["host"]:
+                return False
+            return None
+        self._change(drop)

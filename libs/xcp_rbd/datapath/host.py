@@ -1,0 +1,125 @@
+"""The datapath steps that need Xen or the kernel's NBD driver: they run on an
+XCP-ng dom0 only, and everything else in the datapath runs anywhere.
+
+- tapdisk (blktap3) is the Xen side of both backends (backend type `vbd3`), as
+  in XCP-ng's own tapdisk datapath: spawn + allocate + attach at
+  Datapath.attach, open on the dom0 block device at activate, close at
+  deactivate, destroy at detach;
+- the dom0 block device: `rbd-nbd map` (rbd-nbd backend) or `nbd-client` on
+  qemu's NBD socket (qemu backend), both /dev/nbdN.
+
+Each function returns what later steps need, for the caller to keep in the
+volume's state. No key is ever on a command line: rbd-nbd gets keyring paths.
+"""
+
+import os
+import re
+import signal
+import subprocess
+
+from xcp_rbd import log, protocol
+from xcp_rbd.datapath import state
+
+SYSFS = os.environ.get("XCP_RBD_SYSFS", "/sys")  # configurable for tests
+COMMAND_TIMEOUT = 60
+
+
+def _run(argv):
+    """Run a host command; its stdout, or a clear error."""
+    log.info("running %s", " ".join(argv))
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, universal_newlines=True)
+    except OSError as exc:
+        raise protocol.failure("Host_command_failed", "cannot run %s: %s" % (argv[0], exc))
+    try:
+        out, err = process.communicate(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise protocol.failure("Host_command_failed", "%s did not finish within %d s"
+                               % (" ".join(argv), COMMAND_TIMEOUT))
+    if process.returncode != 0:
+        raise protocol.failure("Host_command_failed", "%s failed (exit %d): %s" % (
+            " ".join(argv), process.returncode, err.strip()))
+    return out.strip()
+
+
+def _tap_args(tapdisk):
+    return ["-m", str(tapdisk["minor"]), "-p", str(tapdisk["pid"])]
+
+
+def tapdisk_create():
+    """A tapdisk process with a Xen block device (/dev/xen/blktap-2/tapdevN),
+    nothing opened yet: {"pid", "minor", "path"}."""
+    pid = int(_run(["tap-ctl", "spawn"]).split()[-1])
+    minor = None
+    try:
+        path = _run(["tap-ctl", "allocate"])
+        minor = int(re.search(r"(\d+)$", path).group(1))
+        tapdisk = {"pid": pid, "minor": minor, "path": path}
+        _run(["tap-ctl", "attach"] + _tap_args(tapdisk))
+        return tapdisk
+    except Exception:
+        # Leak no tapdisk process or minor when attach fails half-way.
+        try:
+            if minor is not None:
+                _run(["tap-ctl", "free", "-m", str(minor)])
+            os.kill(pid, signal.SIGTERM)
+        except Exception as exc:  # the first error is the one to report
+            log.warning("cleaning up tapdisk %d: %s", pid, exc)
+        raise
+
+
+def tapdisk_open(tapdisk, device, read_only):
+    _run(["tap-ctl", "open"] + _tap_args(tapdisk) + ["-a", "aio:" + device]
+         + (["-R"] if read_only else []))
+
+
+def tapdisk_close(tapdisk):
+    """Flush tapdisk's I/O and let go of the dom0 block device."""
+    _run(["tap-ctl", "close"] + _tap_args(tapdisk))
+
+
+def tapdisk_destroy(tapdisk):
+    _run(["tap-ctl", "destroy"] + _tap_args(tapdisk))
+
+
+def _free_nbd_device():
+    """The first /dev/nbdN with no client connected (no pid in sysfs)."""
+    block = os.path.join(SYSFS, "block")
+    names = [name for name in os.listdir(block) if re.match(r"nbd\d+$", name)] \
+        if os.path.isdir(block) else []
+    for name in sorted(names, key=lambda name: int(name[3:])):
+        if not os.path.exists(os.path.join(block, name, "pid")):
+            return "/dev/" + name
+    raise protocol.failure(
+        "No_nbd_device", "no free /dev/nbdN among %d (modprobe nbd nbds_max=<more>)"
+        % len(names))
+
+
+def nbd_connect(socket_path, export):
+    """A dom0 block device on an NBD export served on a unix socket."""
+    with state.host_lock("nbd"):
+        device = _free_nbd_device()
+        _run(["nbd-client", "-unix", socket_path, device, "-name", export,
+              "-block-size", "512"])
+    return device
+
+
+def nbd_disconnect(device):
+    _run(["nbd-client", "-d", device])
+
+
+def rbd_nbd_map(spec, options, read_only):
+    """`rbd-nbd map`: a daemon of its own opens the image; returns /dev/nbdN."""
+    # The host lock keeps rbd-nbd from choosing a device nbd_connect is choosing.
+    with state.host_lock("nbd"):
+        out = _run(["rbd-nbd", "map"] + options + (["--read-only"] if read_only else [])
+                   + [spec])
+    return out.splitlines()[-1].strip()
+
+
+def rbd_nbd_unmap(device):
+    """Unmapping flushes and closes the image and ends the rbd-nbd daemon."""
+    _run(["rbd-nbd", "unmap", device])
