@@ -21,7 +21,6 @@ also what `xcp-rbd-xapi gc` runs in the foreground.
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -372,6 +371,7 @@ def destroy_everything(sr):
 
 def start(sr):
     """Start a detached collector for this SR (it exits at once if one runs)."""
+    import subprocess  # only the calls that leave work pay for it
     library = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(

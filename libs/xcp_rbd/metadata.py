@@ -18,11 +18,10 @@ update. Operations on one RBD image are serialised by a cluster-side lock
 `SR.ls` is a single omap read whatever the number of volumes.
 """
 
+import binascii
 import json
 import os
-import random
 import time
-import uuid
 
 import rados
 
@@ -138,7 +137,7 @@ class Index(object):
                 if time.time() > stop:
                     raise protocol.failure(
                         "Busy", "%s changed constantly for %d s: try again" % (field, deadline))
-                time.sleep(random.uniform(0.005, 0.05))
+                time.sleep(jitter(0.005, 0.05))
 
     def lock(self, name, what=None, wait=20.0, lease=LOCK_LEASE):
         return ClusterLock(self.ioctx, self.name, name, what or name, wait, lease)
@@ -162,7 +161,7 @@ class ClusterLock(object):
         self.what = what
         self.wait = wait
         self.lease = lease
-        self.cookie = "%s:%d:%s" % (os.uname()[1], os.getpid(), uuid.uuid4().hex[:8])
+        self.cookie = "%s:%d:%s" % (os.uname()[1], os.getpid(), new_key()[:8])
 
     def try_acquire(self):
         try:
@@ -184,7 +183,7 @@ class ClusterLock(object):
                 raise protocol.failure(
                     "Busy", "%s is busy with another operation (from any host) for "
                     "more than %d s: try again" % (self.what, self.wait))
-            time.sleep(random.uniform(delay / 2, delay))
+            time.sleep(jitter(delay / 2, delay))
             delay = min(delay * 2, 0.2)
         return self
 
@@ -199,7 +198,17 @@ class ClusterLock(object):
 
 
 def new_key():
-    return str(uuid.uuid4())
+    """A fresh UUID4 string. (Not the uuid module: its imports cost every call.)"""
+    data = bytearray(os.urandom(16))
+    data[6] = (data[6] & 0x0F) | 0x40  # version 4
+    data[8] = (data[8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = binascii.hexlify(bytes(data)).decode("ascii")
+    return "-".join((text[:8], text[8:12], text[12:16], text[16:20], text[20:]))
+
+
+def jitter(low, high):
+    """A random pause length in [low, high], to spread retries of racing scripts."""
+    return low + (high - low) * (int(binascii.hexlify(os.urandom(2)), 16) / 65535.0)
 
 
 def now():

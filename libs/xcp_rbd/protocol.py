@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import threading
-import traceback
 
 from xcp_rbd import idl, log
 
@@ -64,6 +63,7 @@ def error_document(exc, tb=None):
         code, params = _BACKEND_FAILURE, ["Invalid_parameters", str(exc)]
     else:
         code, params = _BACKEND_FAILURE, [type(exc).__name__, str(exc)]
+    import traceback  # only failures pay for it
     frames = traceback.extract_tb(tb) if tb is not None else []
     return {
         "code": code,
@@ -162,7 +162,6 @@ def serve(commands, argv=None, stdin=None):
         method.check_result(result)
         return _output.emit(result, 0)
     except Exception as exc:  # every failure must reach XAPI in the protocol's shape
-        log.debug("%s", traceback.format_exc())
         return _output.emit(error_document(exc, sys.exc_info()[2]), 1)
 
 
