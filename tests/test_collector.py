@@ -1,6 +1,7 @@
 """Snapshots at Ceph speed for life: revert by adoption, hidden images, the
 collector, chain depth, orphans."""
 
+import json
 import os
 import random
 import signal
@@ -242,3 +243,23 @@ def test_clone_of_watched_zombie_falls_back_to_v2_clone(xapi, sr_uuid, sr, image
     assert image_io.read(clone, 0, 4) == b"snap"
     second = xapi.vdi_clone(sr_uuid, snap["key"])   # and a second clone is a v2 clone too
     assert image_io.read(second, 0, 4) == b"snap"
+
+
+def test_killed_creates_leave_nothing_after_collection(xapi, sr_uuid, sr, plugin_root):
+    from xcp_rbd.volume import CREATE_LOCK_LEASE
+    script = os.path.join(plugin_root, "volume", "org.xen.xapi.storage.rbd", "Volume.create")
+    stdin = ('{"dbg":"t","sr":%s,"name":"n","description":"","size":4194304,'
+             '"sharable":false}\n' % json.dumps(sr)).encode()
+    for delay in (0.05, 0.1, 0.15, 0.2, 0.3):
+        process = subprocess.Popen([script, "--json"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process.stdin.write(stdin)
+        process.stdin.close()
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+    time.sleep(CREATE_LOCK_LEASE + 1)   # what a killed create holds runs out
+    listed = {v["key"] for v in xapi.sr_scan(sr_uuid)}
+    with open_sr(sr) as attached:
+        gc.collect(attached, wait=120, full=True)
+        assert set(attached.images()) == listed

@@ -235,3 +235,22 @@ def test_diagnostics_reports_attached_srs(xapi, sr_uuid):
 def test_odd_sizes(xapi, sr_uuid, size):
     vdi = xapi.vdi_create(sr_uuid, size)
     assert vdi["virtual_size"] >= size
+
+
+def test_sr_create_refuses_non_rbd_pool_and_read_only_user(xapi, cluster, device_config,
+                                                          plugin_root, tmp_path):
+    cluster.ceph("osd", "pool", "create", "plain", "8")
+    with pytest.raises(Exception) as refused:
+        xapi.sr_create(dict(device_config, pool="plain"))
+    assert refused.value.params[0] == "Ceph_pool_not_rbd"
+    assert "rbd pool init plain" in refused.value.params[1]
+    keyring = str(tmp_path / "reader.keyring")
+    cluster.ceph("auth", "get-or-create", "client.reader", "mon", "profile rbd", "osd",
+                 "profile rbd-read-only pool=%s" % cluster.pool, "-o", keyring)
+    with pytest.raises(Exception) as refused:
+        xapi.sr_create(dict(device_config, user="reader", keyring=keyring))
+    assert refused.value.params[0] == "Ceph_permission_denied"
+    assert "client.reader" in refused.value.params[1]
+    namespaces = cluster.rbd("namespace", "ls", cluster.pool)
+    assert not [r for r in xapi.sr_probe(device_config)
+                if r["configuration"]["namespace"] not in namespaces]
