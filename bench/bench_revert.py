@@ -20,9 +20,8 @@ The cluster uses BlueStore on a sparse file (not RAM), as real OSDs do.
 import argparse
 import re
 import subprocess
-import threading
 
-from common import environment, median_ms, print_table, timed
+from common import environment, fill_sr, median_ms, print_table, timed
 
 from xcp_rbd import gc
 from xcp_rbd.attached import open_sr
@@ -113,25 +112,7 @@ def main():
                      "%+.1f %%" % (100.0 * (latency[args.cycles] / latency[1] - 1))))
 
         # SR.ls and SR.stat with --volumes volumes, snapshots included
-        todo = [max(args.volumes - len(xapi.volume("SR.ls", sr=sr)), 0)]
-        lock = threading.Lock()
-
-        def fill():
-            while True:
-                with lock:
-                    if todo[0] <= 0:
-                        return
-                    todo[0] -= 2
-                vdi = xapi.volume("Volume.create", sr=sr, name="filler", description="",
-                                  size=1 << 30, sharable=False)
-                xapi.volume("Volume.snapshot", sr=sr, key=vdi["key"])
-
-        threads = [threading.Thread(target=fill) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        count = len(xapi.volume("SR.ls", sr=sr))
+        count = fill_sr(xapi, sr, args.volumes, with_snapshots=True)
         samples = 5
         ls = median_ms([timed(xapi.volume, "SR.ls", sr=sr)[1] for _ in range(samples)])
         stat = median_ms([timed(xapi.volume, "SR.stat", sr=sr)[1] for _ in range(samples)])

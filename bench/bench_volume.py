@@ -12,10 +12,8 @@ to `rbd ls -l` of the same namespace.
 
 import argparse
 import subprocess
-import threading
-import uuid
 
-from common import environment, median_ms, print_table, timed
+from common import environment, fill_sr, median_ms, print_table, timed
 
 
 def main():
@@ -72,26 +70,7 @@ def main():
                 lambda i: plugin("Volume.destroy", key=created[i]),
                 lambda i: cli("rm", "--no-progress", spec("cli-%d" % i)))
 
-        # fill the SR to --volumes volumes, four scripts at a time
-        missing = max(args.volumes - len(xapi.volume("SR.ls", sr=sr)), 0)
-        todo = list(range(missing))
-        lock = threading.Lock()
-
-        def fill():
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    todo.pop()
-                plugin("Volume.create", name=str(uuid.uuid4()), description="",
-                       size=1 << 30, sharable=False)
-
-        threads = [threading.Thread(target=fill) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        count = len(xapi.volume("SR.ls", sr=sr))
+        count = fill_sr(xapi, sr, args.volumes)
         measure(("SR.ls (%d volumes)" % count, "rbd ls -l (same namespace)"),
                 lambda i: plugin("SR.ls"),
                 lambda i: cli("ls", "-l", "%s/%s" % (cluster.pool, namespace)))

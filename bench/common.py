@@ -11,6 +11,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,3 +56,29 @@ def print_table(title, headers, rows):
     for row in rows:
         print(line % tuple(row))
     sys.stdout.flush()
+
+
+def fill_sr(xapi, sr, total, with_snapshots=False, workers=4):
+    """Create volumes (each with a snapshot if asked) through the scripts, a few at
+    a time, until SR.ls lists `total`; return how many it lists."""
+    per_volume = 2 if with_snapshots else 1
+    todo = [total - len(xapi.volume("SR.ls", sr=sr))]
+    lock = threading.Lock()
+
+    def fill():
+        while True:
+            with lock:
+                if todo[0] <= 0:
+                    return
+                todo[0] -= per_volume
+            vdi = xapi.volume("Volume.create", sr=sr, name="filler", description="",
+                              size=1 << 30, sharable=False)
+            if with_snapshots:
+                xapi.volume("Volume.snapshot", sr=sr, key=vdi["key"])
+
+    threads = [threading.Thread(target=fill) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(xapi.volume("SR.ls", sr=sr))
