@@ -34,6 +34,8 @@ GC_LOCK = "gc"
 GC_LEASE = 60
 JOB_PREFIX = "j."   # j.<image>: a background job on that image (see run_jobs)
 STATS = "gc.stats"  # what the collector did over the SR's life
+LAST_FULL = "gc.last_full"  # when a collector last swept every image (see Collector)
+FULL_SWEEP_EVERY = 3600
 
 
 def _user_snapshots(image):
@@ -349,7 +351,11 @@ def collect(sr, wait=0.0, full=False):
     if wait:
         lock.__enter__()
     try:
+        last_full = json.loads(sr.index.read_keys([LAST_FULL], "\x00").get(LAST_FULL, "0"))
+        full = full or time.time() - last_full > FULL_SWEEP_EVERY
         actions = Collector(sr, lock, full).run()
+        if full:
+            sr.index.write({LAST_FULL: str(int(time.time()))})
     finally:
         lock.release()
     for action in actions:
