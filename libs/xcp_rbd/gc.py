@@ -260,7 +260,8 @@ class Collector(object):
                         continue
                     for snap in _user_snapshots(image):
                         image.remove_snap(snap)
-                self.sr.rbd.trash_remove(self.sr.ioctx, entry["id"], True)
+                self.sr.rbd.trash_remove(self.sr.ioctx, entry["id"], True,
+                                         on_progress=lambda done, total: self.keep_lock())
                 self.actions.append("removed image %s" % entry["name"])
             except (KeyError, rbd.ImageNotFound):
                 continue
@@ -437,6 +438,7 @@ def main():
     """python -m xcp_rbd.gc <sr>: the detached collector."""
     log.setup()
     log.set_context("gc", "")
+    protocol.enable_watchdog()  # a hung cluster must not leave collectors hanging
     try:
         with open_sr(sys.argv[1]) as sr:
             collect(sr)

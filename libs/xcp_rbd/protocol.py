@@ -103,7 +103,13 @@ class _Output(object):
 
 
 _output = _Output()
-_watchdog = []
+_watchdog = {"enabled": False, "timers": []}
+
+
+def enable_watchdog():
+    """Let arm_watchdog bound this process (plugin scripts and the detached collector;
+    never a tool, test or benchmark that uses the library)."""
+    _watchdog["enabled"] = True
 
 
 def arm_watchdog(seconds, explanation):
@@ -117,12 +123,14 @@ def arm_watchdog(seconds, explanation):
     def expire():
         _output.abort(error_document(failure("Ceph_unreachable", explanation)))
 
-    while _watchdog:
-        _watchdog.pop().cancel()
+    if not _watchdog["enabled"]:
+        return
+    while _watchdog["timers"]:
+        _watchdog["timers"].pop().cancel()
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
     timer.start()
-    _watchdog.append(timer)
+    _watchdog["timers"].append(timer)
 
 
 def read_arguments(stream):
@@ -168,6 +176,7 @@ def serve(commands, argv=None, stdin=None):
 def main(commands):
     """Entry point of a plugin script."""
     log.setup()
+    enable_watchdog()
     status = serve(commands)
     log.flush()
     sys.exit(status)

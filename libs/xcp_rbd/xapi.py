@@ -202,6 +202,27 @@ class Xapi(object):
                         new_description=description)
         return self.volume("Volume.stat", sr=sr, key=key)
 
+    def _datapath_uri(self, sr, key):
+        """Volume.stat, which xapi-storage-script runs before every datapath call."""
+        return self.volume("Volume.stat", sr=sr, key=key)["uri"][0]
+
+    def vbd_plug(self, sr_uuid, key, domain="0"):
+        """VM start (or VBD hot-plug) for one disk: VDI.attach3 then VDI.activate3."""
+        sr = self.sr(sr_uuid)
+        backend = self.datapath("Datapath.attach", uri=self._datapath_uri(sr, key),
+                                domain=domain)
+        self.datapath("Datapath.activate", uri=self._datapath_uri(sr, key), domain=domain)
+        return backend
+
+    def vbd_unplug(self, sr_uuid, key, domain="0"):
+        """VM shutdown (or VBD unplug) for one disk: VBD_deactivate, then DP.destroy,
+        which deactivates again and detaches."""
+        sr = self.sr(sr_uuid)
+        self.datapath("Datapath.deactivate", uri=self._datapath_uri(sr, key), domain=domain)
+        uri = self._datapath_uri(sr, key)
+        self.datapath("Datapath.deactivate", uri=uri, domain=domain)
+        self.datapath("Datapath.detach", uri=uri, domain=domain)
+
 
 def _short(document, status):
     text = json.dumps(document)
@@ -262,6 +283,10 @@ def _parser():
     command("snapshot-revert", "revert a disk to a snapshot as XAPI does",
             sr_arg, (["snapshot"], {"help": "snapshot key"}),
             (["live"], {"help": "key of the disk being reverted"}))
+    command("vbd-plug", "attach and activate a VDI on this host, as VM start does",
+            sr_arg, key_arg, (["--domain"], {"default": "0", "help": "guest domid"}))
+    command("vbd-unplug", "deactivate (twice) and detach a VDI, as VM shutdown does",
+            sr_arg, key_arg, (["--domain"], {"default": "0", "help": "guest domid"}))
     command("diagnostics", "Plugin.diagnostics")
     command("gc", "run the garbage collector of an SR now, in the foreground", sr_arg,
             (["--wait"], {"type": float, "default": 120.0,
@@ -307,6 +332,8 @@ def run(args):
         "vdi-param-set": lambda: xapi.vdi_param_set(args.sr, args.key, args.name,
                                                     args.description),
         "snapshot-revert": lambda: xapi.snapshot_revert(args.sr, args.snapshot, args.live),
+        "vbd-plug": lambda: xapi.vbd_plug(args.sr, args.key, args.domain),
+        "vbd-unplug": lambda: xapi.vbd_unplug(args.sr, args.key, args.domain),
     }
     return simple[action]()
 

@@ -24,12 +24,12 @@ The record lives and dies with the image and librbd ignores it.
 """
 
 import json
-import time
 
+import rados
 import rbd
 
 from xcp_rbd import log, protocol
-from xcp_rbd.metadata import Conflict, Index, dumps
+from xcp_rbd.metadata import Conflict, Index, dumps, now
 
 FIELD = "xcp_rbd.activation"
 _ATTEMPTS = 10
@@ -84,7 +84,11 @@ class ActivationLock(object):
 
     def holder(self):
         """(raw value, record) of the activation record; ("", None) if there is none."""
-        raw = self.index.read_keys([FIELD], "\x00").get(FIELD, "")
+        # By key only: the header's other omap values are librbd's, in binary.
+        with rados.ReadOpCtx() as op:
+            values, _ = self.ioctx.get_omap_vals_by_keys(op, (FIELD,))
+            self.ioctx.operate_read_op(op, self.index.name)
+            raw = dict(values).get(FIELD, b"").decode("utf-8")
         return raw, (json.loads(raw) if raw else None)
 
     def _change(self, change):
@@ -113,8 +117,7 @@ class ActivationLock(object):
         def claim(raw, holder):
             if holder is not None:
                 self._take_over(holder)
-            return dict(me, since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        clients=[])
+            return dict(me, since=now(), clients=[])
         self._change(claim)
 
     def _take_over(self, holder):

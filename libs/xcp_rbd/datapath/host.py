@@ -21,7 +21,7 @@ from xcp_rbd import log, protocol
 from xcp_rbd.datapath import state
 
 SYSFS = os.environ.get("XCP_RBD_SYSFS", "/sys")  # configurable for tests
-COMMAND_TIMEOUT = 60
+COMMAND_TIMEOUT = 30
 
 
 def _run(argv):

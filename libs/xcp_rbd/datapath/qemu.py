@@ -77,7 +77,7 @@ def _alive(att):
             status = stream.read().rpartition(")")[2].split()[0]
     except IOError:
         return False
-    return status != "Z" and att.path(QMP_SOCKET).encode("utf-8") in argv
+    return status != "Z" and att.socket_path(QMP_SOCKET).encode("utf-8") in argv
 
 
 def _log_tail(att):
@@ -104,7 +104,7 @@ class Monitor(object):
         self._timer = threading.Timer(self.bound, _kill, [self.att.values["qemu_pid"]])
         self._timer.daemon = True
         self._timer.start()
-        self._qmp = QEMUMonitorProtocol(self.att.path(QMP_SOCKET))
+        self._qmp = QEMUMonitorProtocol(self.att.socket_path(QMP_SOCKET))
         try:
             self._qmp.connect()
         except Exception as exc:  # qemu.qmp's errors differ between versions
@@ -149,7 +149,7 @@ class Qemu(object):
 
     def implementations(self, att, where):
         return [["Nbd", {"uri": "nbd:unix:%s:exportname=%s" % (
-            att.path(NBD_SOCKET), export_name(where))}]]
+            att.socket_path(NBD_SOCKET), export_name(where))}]]
 
     def alive(self, att):
         return _alive(att)
@@ -161,8 +161,8 @@ class Qemu(object):
                                    "paths given to qemu may not contain spaces: %s"
                                    % " ".join(options))
         for name in (QMP_SOCKET, NBD_SOCKET):
-            if os.path.exists(att.path(name)):
-                os.unlink(att.path(name))
+            if os.path.exists(att.socket_path(name)):
+                os.unlink(att.socket_path(name))
         program = binary()
         env = dict(os.environ, CEPH_ARGS=" ".join(options))
         log_fd = os.open(att.path(LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -170,7 +170,7 @@ class Qemu(object):
             # A session of its own: qemu outlives this script, and must not keep
             # the script's stdout (xapi-storage-script waits for it to close).
             process = subprocess.Popen(
-                _argv(program, att.path(QMP_SOCKET)), stdin=subprocess.DEVNULL,
+                _argv(program, att.socket_path(QMP_SOCKET)), stdin=subprocess.DEVNULL,
                 stdout=log_fd, stderr=log_fd, cwd=att.directory, env=env,
                 start_new_session=True)
         except OSError as exc:
@@ -180,16 +180,16 @@ class Qemu(object):
         att.values["qemu_pid"] = process.pid
         att.save()
         deadline = time.time() + START_TIMEOUT
-        while not os.path.exists(att.path(QMP_SOCKET)):
+        while not os.path.exists(att.socket_path(QMP_SOCKET)):
             if process.poll() is not None or time.time() > deadline:
                 _kill(process.pid)
                 raise QemuFailed("%s did not start: %s" % (program, _log_tail(att)))
             time.sleep(0.01)
         with Monitor(att, self._bound(where)) as qmp:
             qmp.execute("nbd-server-start", {"addr": {
-                "type": "unix", "data": {"path": att.path(NBD_SOCKET)}}})
+                "type": "unix", "data": {"path": att.socket_path(NBD_SOCKET)}}})
         log.info("%s: qemu %d serves NBD on %s", where.spec, process.pid,
-                 att.path(NBD_SOCKET))
+                 att.socket_path(NBD_SOCKET))
 
     def open(self, att, where, read_only):
         """Open the image in qemu and export it; the dom0 block device on it."""
@@ -210,7 +210,7 @@ class Qemu(object):
             qmp.execute("block-export-add", {
                 "type": "nbd", "id": NODE, "node-name": NODE,
                 "name": export_name(where), "writable": not read_only})
-        return host.nbd_connect(att.path(NBD_SOCKET), export_name(where))
+        return host.nbd_connect(att.socket_path(NBD_SOCKET), export_name(where))
 
     def close(self, att, where):
         """Drop the export and close the image (flushing it). True when qemu had

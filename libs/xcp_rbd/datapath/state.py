@@ -83,6 +83,7 @@ class Attachment(object):
 
     `values` is the content of attachment.json: what the next call needs to
     carry on or undo (tapdisk, device, qemu pid, activation clients, ...).
+    Leaving with no values removes the directory.
     """
 
     FILE = "attachment.json"
@@ -95,7 +96,10 @@ class Attachment(object):
         self._lock = None
 
     def path(self, name):
-        path = os.path.join(self.directory, name)
+        return os.path.join(self.directory, name)
+
+    def socket_path(self, name):
+        path = self.path(name)
         if len(path) > _SOCKET_PATH_MAX:
             raise protocol.failure(
                 "Invalid_configuration", "%s is too long for a unix socket: use a "
@@ -124,7 +128,11 @@ class Attachment(object):
         return self
 
     def __exit__(self, *exc):
-        self._lock.__exit__(*exc)
+        try:
+            if not self.values:  # nothing attached: no directory either
+                self.remove()
+        finally:
+            self._lock.__exit__(*exc)
 
     def save(self):
         tmp = self.path(self.FILE + ".tmp")
@@ -139,4 +147,3 @@ class Attachment(object):
                 os.unlink(os.path.join(self.directory, name))
         os.unlink(self.path(self.LOCK))
         os.rmdir(self.directory)
-        self.values = {}

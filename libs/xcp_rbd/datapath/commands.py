@@ -1,0 +1,169 @@
+"""Plugin.Query and the Datapath.* commands (smapiv3-spec sections 4.6, 6.5,
+6.6, 9.2): a volume's life on one host, the same for both backends.
+
+- attach: tapdisk's Xen device, and what the backend prepares; opens nothing
+  (it runs on a live migration's destination while the source writes).
+  Returns XenDisk (vbd3 on the tapdisk device), BlockDevice (the same path, for
+  qemu-emulated disks and dom0 users) and the backend's own (qemu: Nbd).
+- activate: the activation lock (activation), then the backend opens the image
+  and gives a dom0 block device, and tapdisk opens that device.
+- deactivate: the reverse, flushing on the way; the lock is released last.
+  Each step is recorded in the volume's state as it is done or undone, so
+  every command can be repeated: XAPI deactivates twice per shutdown.
+- detach: whatever is left, then the state itself; it never fails.
+`domain` is only logged: it changes between the calls on one attachment
+("7", "", "u0_...", "MIR...").
+"""
+
+from xcp_rbd import cluster, location, log, protocol
+from xcp_rbd.datapath import host, qemu, rbd_nbd, state
+from xcp_rbd.datapath.activation import ActivationLock
+
+VERSION = "1.0.0"
+BACKENDS = {backend.name: backend for backend in (rbd_nbd.RbdNbd(), qemu.Qemu())}
+
+
+def query(dbg):
+    return {
+        "plugin": location.DATAPATH_SCHEME,
+        "name": "RBD through tapdisk",
+        "description": "RBD images for Xen guests: tapdisk over rbd-nbd (default) or over "
+                       "qemu's rbd driver and NBD, one writer host at a time",
+        "vendor": "xcp-rbd developers",
+        "copyright": "(C) the xcp-rbd developers, GPLv2",
+        "version": VERSION,
+        "required_api_version": "5.0",
+        "features": [],
+        "configuration": {},
+        "required_cluster_stack": [],
+    }
+
+
+def _volume(uri):
+    where = location.VolumeLocation.parse(uri)
+    return where, BACKENDS[where.backend]
+
+
+def attach(dbg, uri, domain):
+    where, backend = _volume(uri)
+    with state.Attachment(where) as att:
+        if "tapdisk" not in att.values:
+            att.values.update(uri=uri, volume=where.spec, backend=backend.name)
+            att.values["tapdisk"] = host.tapdisk_create()
+            att.save()
+        backend.attach(att, where)
+        log.info("%s attached (domain %r)", where.spec, domain)
+        tapdev = att.values["tapdisk"]["path"]
+        return {"implementations": [
+            ["XenDisk", {"backend_type": "vbd3", "params": tapdev, "extra": {}}],
+            ["BlockDevice", {"path": tapdev}],
+        ] + backend.implementations(att, where)}
+
+
+def activate(dbg, uri, domain):
+    where, backend = _volume(uri)
+    with state.Attachment(where) as att:
+        if "tapdisk" not in att.values:
+            raise protocol.failure("Not_attached", "%s is not attached on this host: "
+                                   "Datapath.attach comes first" % where.spec)
+        if att.values.get("tapdisk_open"):
+            if backend.alive(att):
+                return None
+            log.warning("%s: its %s died: activating it again", where.spec, backend.name)
+            _deactivate(att, where, backend)
+        read_only = where.snap is not None
+        with cluster.Connection(where.cluster) as connection:
+            try:
+                if read_only:  # snapshots never change: no writer to exclude
+                    _open(att, where, backend, read_only)
+                else:
+                    with ActivationLock(connection, where) as lock:
+                        _open_exclusive(att, where, backend, lock)
+            except Exception:
+                _undo(att, where, backend)
+                raise
+    log.info("%s active (domain %r)", where.spec, domain)
+    return None
+
+
+def _open_exclusive(att, where, backend, lock):
+    me = state.identity()
+    lock.acquire(me)
+    att.values["claimed"] = True
+    att.save()
+    before = lock.watchers()
+    _open(att, where, backend, False, lambda: att.values.update(
+        clients=lock.record_clients(me, before)))
+
+
+def _open(att, where, backend, read_only, opened=None):
+    """Backend, then (after `opened`) tapdisk; each step recorded once done."""
+    protocol.arm_watchdog(3 * where.cluster.timeout + 5, "%s: qemu or the cluster did "
+                          "not answer while activating" % where.spec)
+    att.values["opened"] = True  # recorded first: a half-open backend is undone too
+    att.save()
+    att.values["device"] = backend.open(att, where, read_only)
+    att.save()
+    if opened:
+        opened()
+        att.save()
+    host.tapdisk_open(att.values["tapdisk"], att.values["device"], read_only)
+    att.values["tapdisk_open"] = True
+    att.save()
+
+
+def _undo(att, where, backend):
+    try:
+        _deactivate(att, where, backend)
+    except Exception as exc:  # the activation's own error is the one to report
+        log.error("%s: undoing a failed activation: %s", where.spec, exc)
+
+
+def _deactivate(att, where, backend):
+    """Undo whatever activate did, in reverse order, saving after each step."""
+    values = att.values
+    if values.pop("tapdisk_open", False):
+        try:
+            host.tapdisk_close(values["tapdisk"])
+        except protocol.StorageError as exc:
+            # A dead tapdisk writes nothing: go on, or the VM could never stop.
+            log.warning("%s: %s", where.spec, exc)
+        att.save()
+    dead = False
+    if values.get("opened"):
+        dead = backend.close(att, where)
+        for key in ("opened", "device"):
+            values.pop(key, None)
+        att.save()
+    if values.get("claimed"):
+        with cluster.Connection(where.cluster) as connection:
+            with ActivationLock(connection, where) as lock:
+                lock.release(state.identity(), values.get("clients", []) if dead else ())
+        for key in ("claimed", "clients"):
+            values.pop(key, None)
+        att.save()
+
+
+def deactivate(dbg, uri, domain):
+    where, backend = _volume(uri)
+    with state.Attachment(where) as att:
+        _deactivate(att, where, backend)
+    log.info("%s inactive (domain %r)", where.spec, domain)
+
+
+def detach(dbg, uri, domain):
+    """Never fails: what cannot be undone is logged and forgotten."""
+    where, backend = _volume(uri)
+    with state.Attachment(where) as att:
+        tapdisk = att.values.get("tapdisk")
+        steps = [("deactivate", lambda: _deactivate(att, where, backend)),
+                 ("end the backend", lambda: backend.detach(att, where))]
+        if tapdisk:
+            steps.append(("destroy tapdisk", lambda: host.tapdisk_destroy(tapdisk)))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                log.error("%s: detach could not %s (left behind): %s", where.spec, what, exc)
+        att.values = {}
+    log.info("%s detached (domain %r)", where.spec, domain)

@@ -1,0 +1,19 @@
+"""The datapath plugin rbd+tapdisk: each command and where it is done.
+
+Installed as one script with a link per command (see CMakeLists.txt).
+"""
+
+from xcp_rbd import protocol
+from xcp_rbd.datapath import commands
+
+COMMANDS = {
+    "Plugin.Query": commands.query,
+    "Datapath.attach": commands.attach,
+    "Datapath.activate": commands.activate,
+    "Datapath.deactivate": commands.deactivate,
+    "Datapath.detach": commands.detach,
+}
+
+
+def main():
+    protocol.main(COMMANDS)
