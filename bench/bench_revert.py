@@ -82,13 +82,14 @@ def main():
                      "%.2f" % (reverts[args.big] / reverts["64 MiB"]), "target", "<= 3", ""))
 
         # 50 cycles of write, snapshot, revert on one disk
+        # written all over, so that reads hit real objects after 1 cycle as after 50
         disk = xapi.vdi_create(sr_uuid, 1024 * MiB, name="cycled")
-        write(disk, 256 * MiB)
+        write(disk, 1024 * MiB)
         latency = {}
 
         def read_latency_us():
             out = cluster.rbd("bench", "--io-type", "read", "--io-size", "4K",
-                              "--io-threads", "1", "--io-total", "32M", "--io-pattern", "rand",
+                              "--io-threads", "1", "--io-total", "64M", "--io-pattern", "rand",
                               spec(image_of(disk)), timeout=600)
             ops = float(re.findall(r"ops/sec:\s*([\d.]+)", out)[-1])
             return 1e6 / ops

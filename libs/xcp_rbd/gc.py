@@ -36,6 +36,7 @@ JOB_PREFIX = "j."   # j.<image>: a background job on that image (see run_jobs)
 STATS = "gc.stats"  # what the collector did over the SR's life
 LAST_FULL = "gc.last_full"  # when a collector last swept every image (see Collector)
 FULL_SWEEP_EVERY = 3600
+ROLLBACK_OPS = 64
 
 
 def _user_snapshots(image):
@@ -98,6 +99,10 @@ def adopt(sr, key, record, new):
     with sr.image(name, read_only=True) as image:  # a read-only open adds no watcher
         if list(image.watchers_list()):
             return None  # still open somewhere (a stale VM): never roll it back
+    # A rollback is one RADOS op per object present (OSD-side, no data crosses the
+    # network); let librbd keep more of them in flight than its default of 10:
+    # this runs inside XAPI's revert, and each op is small.
+    sr.connection.rados.conf_set("rbd_concurrent_management_ops", str(ROLLBACK_OPS))
     with sr.image(name) as image:
         image.rollback_to_snap(record["snap"])
         size = image.size()

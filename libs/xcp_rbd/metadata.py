@@ -80,9 +80,11 @@ class Index(object):
                 except rados.ObjectNotFound:
                     return entries
                 page = [(k, (v or b"").decode("utf-8")) for k, v in values]
-            entries.update(page)
-            if len(page) < _OMAP_PAGE:
+            # OSDs cap a reply (osd_max_omap_entries_per_request, 1024 by default)
+            # without saying so: only an empty page means the end.
+            if not page:
                 return entries
+            entries.update(page)
             start = page[-1][0]
 
     def read_keys(self, fields, prefix):
