@@ -20,24 +20,35 @@ import pytest
 
 from conftest import new_uuid
 
-FAKE_TOOL = r'''#!%(python)s -S
-"""Stand-in for tap-ctl, nbd-client and rbd-nbd (by the name it is run as)."""
-import fcntl, json, os, signal, subprocess, sys, time
-FAKE, SYS = os.environ["XCP_RBD_FAKE_DIR"], os.environ["XCP_RBD_SYSFS"]
-tool, args = os.path.basename(sys.argv[0]), sys.argv[1:]
-with open(os.path.join(FAKE, "journal"), "a") as journal:
-    fcntl.flock(journal, fcntl.LOCK_EX)
-    journal.write(json.dumps([tool] + args) + "\n")
+# tap-ctl and nbd-client (by the name they run as): shell, fast as the real ones.
+FAKE_SHELL_TOOL = r'''#!/bin/sh
+tool=${0##*/}
+line="[\"$tool\""
+for arg in "$@"; do line="$line, \"$arg\""; done
+echo "$line]" >> "$XCP_RBD_FAKE_DIR/journal"
+count() {  # a counter file, under flock: prints the value, then increments it
+    (flock 9; n=$(cat "$XCP_RBD_FAKE_DIR/$1" 2>/dev/null || echo 0)
+     echo $((n + 1)) > "$XCP_RBD_FAKE_DIR/$1"; echo "$n") 9>> "$XCP_RBD_FAKE_DIR/$1.lock"
+}
+case "$tool $1" in
+    "tap-ctl spawn") echo $((40000 + $(count tapdisk))) ;;
+    "tap-ctl allocate") echo "/dev/xen/blktap-2/tapdev$(count minor)" ;;
+    "nbd-client -d") rm "$XCP_RBD_SYSFS/block/${2##*/}/pid" ;;
+    nbd-client*)
+        pid="$XCP_RBD_SYSFS/block/${3##*/}/pid"
+        if [ -e "$pid" ]; then echo "$3 is busy" >&2; exit 1; fi
+        echo 1 > "$pid" ;;
+esac
+'''
 
-def count(name):
-    with open(os.path.join(FAKE, name), "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        value = int(f.read() or 0)
-        f.seek(0)
-        f.truncate()
-        f.write(str(value + 1))
-        return value
+# rbd-nbd: map starts a daemon that opens the image, as rbd-nbd does.
+FAKE_RBD_NBD = r'''#!%(python)s -S
+import json, os, signal, subprocess, sys, time
+FAKE, SYS = os.environ["XCP_RBD_FAKE_DIR"], os.environ["XCP_RBD_SYSFS"]
+args = sys.argv[1:]
+HOLDER = %(holder)r
+with open(os.path.join(FAKE, "journal"), "a") as journal:
+    journal.write(json.dumps(["rbd-nbd"] + args) + "\n")
 
 def pid_file(device):
     return os.path.join(SYS, "block", os.path.basename(device), "pid")
@@ -48,33 +59,19 @@ def free_device():
             return "/dev/" + name
     sys.exit("no free nbd device")
 
-if tool == "tap-ctl":
-    if args[0] == "spawn":
-        print(40000 + count("tapdisk"))
-    elif args[0] == "allocate":
-        print("/dev/xen/blktap-2/tapdev%%d" %% count("minor"))
-elif tool == "nbd-client":
-    if args[0] == "-d":
-        os.unlink(pid_file(args[1]))
-    else:
-        device = args[2]
-        if os.path.exists(pid_file(device)):
-            sys.exit("%%s is busy" %% device)
-        with open(pid_file(device), "w") as f:
-            f.write("1")
-elif tool == "rbd-nbd" and args[0] == "map":
+if args[0] == "map":
     options = dict(zip(args[1:-1:2], args[2:-1:2]))
     device = free_device()
     holder = subprocess.Popen(
-        ["%(holder_python)s", "-c", HOLDER, options["-c"], options["--id"],
-         options["--keyring"], args[-1]], stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL, start_new_session=True)
+        ["%(python)s", "-c", HOLDER, options["-c"], options["--id"], options["--keyring"],
+         args[-1]], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
     if holder.stdout.readline() != b"ready\n":
         sys.exit("cannot open %%s" %% args[-1])
     with open(pid_file(device), "w") as f:
         f.write(str(holder.pid))
     print(device)
-elif tool == "rbd-nbd" and args[0] == "unmap":
+elif args[0] == "unmap":
     with open(pid_file(args[1])) as f:
         pid = int(f.read())
     os.kill(pid, signal.SIGTERM)
@@ -108,8 +105,6 @@ finally:
 class FakeHost(object):
     """tap-ctl, nbd-client and rbd-nbd stand-ins, and a sysfs with /dev/nbd0..N-1."""
 
-    TOOLS = ("tap-ctl", "nbd-client", "rbd-nbd")
-
     def __init__(self, directory, nbd_devices=16):
         self.directory = directory
         self.bin = os.path.join(directory, "bin")
@@ -117,14 +112,15 @@ class FakeHost(object):
         os.makedirs(self.bin)
         for index in range(nbd_devices):
             os.makedirs(os.path.join(self.sysfs, "block", "nbd%d" % index))
-        tool = os.path.join(self.bin, "fake-tool")
-        with open(tool, "w") as stream:
-            stream.write(FAKE_TOOL % {"python": sys.executable,
-                                      "holder_python": sys.executable}
-                         + "\nHOLDER = %r\n" % HOLDER)
-        os.chmod(tool, 0o755)
-        for name in self.TOOLS:
-            os.symlink("fake-tool", os.path.join(self.bin, name))
+        for names, text in ((("tap-ctl", "nbd-client"), FAKE_SHELL_TOOL),
+                            (("rbd-nbd",), FAKE_RBD_NBD % {"python": sys.executable,
+                                                           "holder": HOLDER})):
+            path = os.path.join(self.bin, names[0])
+            with open(path, "w") as stream:
+                stream.write(text)
+            os.chmod(path, 0o755)
+            for name in names[1:]:
+                os.symlink(names[0], os.path.join(self.bin, name))
 
     def environ(self):
         return {"PATH": self.bin + os.pathsep + os.environ["PATH"],

@@ -25,7 +25,7 @@ class Sr(object):
 
     def record(self):
         """The SR record, or a clear error if the SR does not exist."""
-        value = self.index.read_keys([metadata.SR_RECORD], "\x00").get(metadata.SR_RECORD)
+        value = self.index.read_keys([metadata.SR_RECORD]).get(metadata.SR_RECORD)
         if value is None:
             raise protocol.StorageError(["SR_does_not_exist", self.describe()])
         return json.loads(value)

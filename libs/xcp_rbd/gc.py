@@ -357,7 +357,7 @@ def collect(sr, wait=0.0, full=False):
     if wait:
         lock.__enter__()
     try:
-        last_full = json.loads(sr.index.read_keys([LAST_FULL], "\x00").get(LAST_FULL, "0"))
+        last_full = json.loads(sr.index.read_keys([LAST_FULL]).get(LAST_FULL, "0"))
         full = full or time.time() - last_full > FULL_SWEEP_EVERY
         actions = Collector(sr, lock, full).run()
         if full:

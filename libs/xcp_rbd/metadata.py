@@ -87,11 +87,14 @@ class Index(object):
             entries.update(page)
             start = page[-1][0]
 
-    def read_keys(self, fields, prefix):
-        """The given fields and every entry under prefix, in one round trip."""
+    def read_keys(self, fields, prefix=None):
+        """The given fields, and every entry under prefix if one is given, in one
+        round trip. (No prefix means no listing: librados would take "" for "all".)"""
         with rados.ReadOpCtx() as op:
             by_keys, _ = self.ioctx.get_omap_vals_by_keys(op, tuple(fields))
-            by_prefix, _ = self.ioctx.get_omap_vals(op, "", prefix, _OMAP_PAGE)
+            by_prefix = ()
+            if prefix:
+                by_prefix, _ = self.ioctx.get_omap_vals(op, "", prefix, _OMAP_PAGE)
             try:
                 self.ioctx.operate_read_op(op, self.name)
             except rados.ObjectNotFound:
@@ -128,7 +131,7 @@ class Index(object):
         Returns the new record, or None if the field does not exist."""
         stop = time.time() + deadline
         while True:
-            old = self.read_keys([field], "\x00").get(field)
+            old = self.read_keys([field]).get(field)
             if old is None:
                 return None
             record = change(json.loads(old))

@@ -17,7 +17,7 @@ import json
 
 import rbd
 
-from xcp_rbd import gc, metadata, protocol
+from xcp_rbd import cbt, gc, metadata, protocol
 from xcp_rbd.attached import open_sr
 from xcp_rbd.metadata import dumps, key_prefix, usage_field, volume_field
 
@@ -61,7 +61,7 @@ def view(sr, key, record, keys, usage):
         "description": record["description"], "read_write": record["snap"] is None,
         "sharable": record["sharable"], "virtual_size": record["size"],
         "physical_utilisation": usage,
-        "uri": [sr.location.volume_uri(record["image"], record["snap"])],
+        "uri": [cbt.volume_uri(sr, record)],
         "keys": keys, "cbt_enabled": record.get("cbt", False),
     }
 
@@ -110,8 +110,10 @@ def snapshot(dbg, sr, key):
             with _open(attached, key, record["image"]) as image:
                 image.create_snap(new)
                 size = image.size()
-            snap_record = _new_record(new, record, record["image"], new, size)
+            snap_record = dict(_new_record(new, record, record["image"], new, size),
+                               cbt=record.get("cbt", False))
             attached.index.write({volume_field(new): dumps(snap_record)})
+            cbt.release_destroyed(attached, record["image"])
         return view(attached, new, snap_record, {}, 0)
 
 
@@ -128,6 +130,7 @@ TMP_SNAP_PREFIX = "xcp_rbd.clone."
 def clone(dbg, sr, key):
     with open_sr(sr) as attached:
         record, _, _ = _load(attached, key)
+        cbt.check_readable(key, record)
         new = metadata.new_key()
         with attached.image_lock(record["image"]):
             if record["snap"] is not None:
@@ -169,6 +172,7 @@ def destroy(dbg, sr, key):
         except protocol.VolumeDoesNotExist:
             return None
         with attached.image_lock(record["image"]):
+            cbt.before_destroy(attached, key, record)
             attached.index.write(
                 remove=[volume_field(key), usage_field(key)],
                 remove_prefixes=[key_prefix(key)])
@@ -199,7 +203,7 @@ def _write_keys(sr, key, set_values=None, remove=()):
     with open_sr(sr) as attached:
         while True:
             field = volume_field(key)
-            current = attached.index.read_keys([field], "\x00").get(field)
+            current = attached.index.read_keys([field]).get(field)
             if current is None:
                 raise protocol.VolumeDoesNotExist(key)
             try:
@@ -240,7 +244,8 @@ def stat(dbg, sr, key):
     with open_sr(sr) as attached:
         record, keys, cached = _load(attached, key)
         try:
-            usage = attached.allocated_bytes(record["image"], record["snap"])
+            usage = 0 if cbt.data_freed(record) else \
+                attached.allocated_bytes(record["image"], record["snap"])
         except rbd.ImageNotFound:
             raise protocol.VolumeDoesNotExist(key)
         attached.cache_usage(key, usage, cached)

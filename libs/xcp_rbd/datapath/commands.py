@@ -17,7 +17,6 @@
 
 from xcp_rbd import cluster, location, log, protocol
 from xcp_rbd.datapath import host, qemu, rbd_nbd, state
-from xcp_rbd.datapath.activation import ActivationLock
 
 VERSION = "1.0.0"
 BACKENDS = {backend.name: backend for backend in (rbd_nbd.RbdNbd(), qemu.Qemu())}
@@ -48,8 +47,9 @@ def attach(dbg, uri, domain):
     where, backend = _volume(uri)
     with state.Attachment(where) as att:
         if "tapdisk" not in att.values:
-            att.values.update(uri=uri, volume=where.spec, backend=backend.name)
-            att.values["tapdisk"] = host.tapdisk_create()
+            tapdisk = host.tapdisk_create()
+            att.values.update(uri=uri, volume=where.spec, backend=backend.name,
+                              tapdisk=tapdisk)
             att.save()
         backend.attach(att, where)
         log.info("%s attached (domain %r)", where.spec, domain)
@@ -71,19 +71,23 @@ def activate(dbg, uri, domain):
                 return None
             log.warning("%s: its %s died: activating it again", where.spec, backend.name)
             _deactivate(att, where, backend)
-        read_only = where.snap is not None
-        with cluster.Connection(where.cluster) as connection:
-            try:
-                if read_only:  # snapshots never change: no writer to exclude
-                    _open(att, where, backend, read_only)
-                else:
-                    with ActivationLock(connection, where) as lock:
+        try:
+            if where.snap is not None:  # a snapshot never changes: no writer to exclude
+                _open(att, where, backend, True)
+            else:
+                with cluster.Connection(where.cluster) as connection:
+                    with _activation_lock(connection, where) as lock:
                         _open_exclusive(att, where, backend, lock)
-            except Exception:
-                _undo(att, where, backend)
-                raise
+        except Exception:
+            _undo(att, where, backend)
+            raise
     log.info("%s active (domain %r)", where.spec, domain)
     return None
+
+
+def _activation_lock(connection, where):
+    from xcp_rbd.datapath.activation import ActivationLock  # rados: only calls to Ceph pay
+    return ActivationLock(connection, where)
 
 
 def _open_exclusive(att, where, backend, lock):
@@ -97,7 +101,8 @@ def _open_exclusive(att, where, backend, lock):
 
 
 def _open(att, where, backend, read_only, opened=None):
-    """Backend, then (after `opened`) tapdisk; each step recorded once done."""
+    """The backend opens the image, `opened()` runs, tapdisk opens the device;
+    each step recorded once done."""
     protocol.arm_watchdog(3 * where.cluster.timeout + 5, "%s: qemu or the cluster did "
                           "not answer while activating" % where.spec)
     att.values["opened"] = True  # recorded first: a half-open backend is undone too
@@ -137,7 +142,7 @@ def _deactivate(att, where, backend):
         att.save()
     if values.get("claimed"):
         with cluster.Connection(where.cluster) as connection:
-            with ActivationLock(connection, where) as lock:
+            with _activation_lock(connection, where) as lock:
                 lock.release(state.identity(), values.get("clients", []) if dead else ())
         for key in ("claimed", "clients"):
             values.pop(key, None)

@@ -1,0 +1,436 @@
+"""The rbd+tapdisk datapath with the qemu backend, end to end: the installed
+scripts as XAPI runs them, a real cluster, real qemu-storage-daemon, and a
+real NBD client (libnbd) on the export. Only tap-ctl and nbd-client are
+stand-ins (FakeHost: no Xen and no kernel NBD here).
+
+Two hosts are two identities (XCP_RBD_HOST_UUID) with two state directories
+(XCP_RBD_RUN_DIR) driving the same cluster.
+"""
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import nbd
+import pytest
+
+from conftest import new_uuid
+from test_host_boundary import fake_host  # noqa: F401 (a fixture)
+
+MiB = 1 << 20
+BLOCK = 64 * 1024
+
+
+def pattern(seed, size):
+    return random.Random(seed).randbytes(size)
+
+
+class Host(object):
+    """A simulated XCP-ng host: its identity and its state directory."""
+
+    def __init__(self, xapi, run_dir):
+        self.xapi = xapi
+        self.run_dir = run_dir
+        self.uuid = new_uuid()
+
+    @contextlib.contextmanager
+    def current(self):
+        saved = {key: os.environ.get(key) for key in ("XCP_RBD_RUN_DIR", "XCP_RBD_HOST_UUID")}
+        os.environ.update(XCP_RBD_RUN_DIR=self.run_dir, XCP_RBD_HOST_UUID=self.uuid)
+        try:
+            yield
+        finally:
+            os.environ.update(saved)
+
+    def datapath(self, command, uri, domain):
+        with self.current():
+            return self.xapi.datapath(command, uri=uri, domain=domain)
+
+    def plug(self, sr_uuid, key, domain="7"):
+        with self.current():
+            return self.xapi.vbd_plug(sr_uuid, key, domain)
+
+    def unplug(self, sr_uuid, key, domain="7"):
+        with self.current():
+            self.xapi.vbd_unplug(sr_uuid, key, domain)
+
+    def attachments(self):
+        """The per-volume state this host keeps."""
+        root = os.path.join(self.run_dir, "datapath")
+        found = []
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            try:
+                with open(os.path.join(root, name, "attachment.json")) as stream:
+                    found.append(json.load(stream))
+            except IOError:
+                continue  # being created or removed
+        return found
+
+    def qemu_pid(self):
+        [attachment] = self.attachments()
+        return attachment["qemu_pid"]
+
+
+@contextlib.contextmanager
+def _host(xapi):
+    # Not under tmp_path: socket paths must stay under 108 bytes.
+    run_dir = tempfile.mkdtemp(prefix="xcp-rbd-host-")
+    host = Host(xapi, run_dir)
+    try:
+        yield host
+    finally:
+        # A failed test must not leave qemu behind (a passing one leaves nothing).
+        for attachment in host.attachments():
+            if attachment.get("qemu_pid"):
+                _kill(attachment["qemu_pid"])
+        shutil.rmtree(run_dir)
+
+
+@pytest.fixture
+def host_a(xapi, fake_host):  # noqa: F811
+    with _host(xapi) as host:
+        yield host
+
+
+@pytest.fixture
+def host_b(xapi, fake_host):  # noqa: F811
+    with _host(xapi) as host:
+        yield host
+
+
+def _kill(pid, sig=signal.SIGKILL):
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def qemu_sr(xapi, device_config):
+    sr_uuid = xapi.sr_create(dict(device_config, datapath="qemu"), name="qemu SR")
+    yield sr_uuid
+    xapi.sr_destroy(sr_uuid)
+
+
+@pytest.fixture
+def short_watch_timeout(cluster):
+    """Ceph drops the watch of a dead client after 10 s instead of 30 (still above
+    the 5 s at which live clients ping their watches)."""
+    cluster.ceph("config", "set", "osd", "osd_client_watch_timeout", "10")
+    yield 10
+    cluster.ceph("config", "rm", "osd", "osd_client_watch_timeout")
+
+
+def nbd_export(backend):
+    [uri] = [impl[1]["uri"] for impl in backend["implementations"] if impl[0] == "Nbd"]
+    match = re.match(r"nbd:unix:(.+):exportname=(.+)$", uri)
+    return match.group(1), match.group(2)
+
+
+@contextlib.contextmanager
+def nbd_client(backend):
+    socket_path, export = nbd_export(backend)
+    handle = nbd.NBD()
+    handle.set_export_name(export)
+    handle.connect_unix(socket_path)
+    try:
+        yield handle
+    finally:
+        handle.shutdown()
+
+
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as stream:
+            return stream.read().rpartition(")")[2].split()[0] != "Z"
+    except IOError:
+        return False
+
+
+def until(what, check, bound=90):
+    """Poll `check` until it returns something true (bounded only against hangs)."""
+    deadline = time.time() + bound
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.time() < deadline, "still waiting for " + what
+        time.sleep(0.5)
+
+
+def blocklist(cluster):
+    return cluster.ceph("osd", "blocklist", "ls")
+
+
+def refusal(host, command, uri, domain):
+    """The params of the error that `command` fails with."""
+    try:
+        host.datapath(command, uri, domain)
+    except Exception as exc:  # xcp_rbd.xapi.PluginError
+        return exc.params
+    raise AssertionError("%s was not refused" % command)
+
+
+def test_install_has_one_link_per_command(plugin_root, xapi):
+    from xcp_rbd.datapath_plugin import COMMANDS
+    directory = os.path.join(plugin_root, "datapath", "rbd+tapdisk")
+    links = {name for name in os.listdir(directory)
+             if os.path.islink(os.path.join(directory, name))}
+    assert links == set(COMMANDS) == {
+        "Plugin.Query", "Datapath.attach", "Datapath.activate", "Datapath.deactivate",
+        "Datapath.detach"}
+    query = xapi.datapath("Plugin.Query")
+    assert query["plugin"] == "rbd+tapdisk" and query["required_api_version"] == "5.0"
+    assert "NONPERSISTENT" not in query["features"]
+
+
+def test_pattern_survives_shutdown_and_restart(xapi, qemu_sr, host_a,
+                                               fake_host, image_io):  # noqa: F811
+    """VM start, writes through the export, VM shutdown (deactivate twice, detach),
+    VM start again: the pattern reads back, and nothing is left in between."""
+    vdi = xapi.vdi_create(qemu_sr, "64M")
+    backend = host_a.plug(qemu_sr, vdi["key"], domain="7")
+    kinds = [impl[0] for impl in backend["implementations"]]
+    assert kinds == ["XenDisk", "BlockDevice", "Nbd"]
+    xendisk = backend["implementations"][0][1]
+    assert xendisk["backend_type"] == "vbd3"
+    assert xendisk["params"] == backend["implementations"][1][1]["path"]
+    data = pattern(1, 3 * MiB)
+    with nbd_client(backend) as client:
+        assert client.get_size() == 64 * MiB
+        client.pwrite(data, 5 * MiB)
+        client.flush()
+    qemu_pid = host_a.qemu_pid()
+    tap_open = [c for c in fake_host.commands() if c[:2] == ["tap-ctl", "open"]][-1]
+    assert tap_open[-1] in ["aio:" + device for device in fake_host.connected()]
+
+    with host_a.current():  # XAPI's shutdown, with the domains it really passes
+        uri = xapi.volume("Volume.stat", sr=xapi.sr(qemu_sr), key=vdi["key"])["uri"][0]
+        xapi.datapath("Datapath.deactivate", uri=uri, domain="")
+        xapi.datapath("Datapath.deactivate", uri=uri, domain="u0_vbd_0_xvdb")
+        xapi.datapath("Datapath.detach", uri=uri, domain="MIR1a2b3c")
+    assert not alive(qemu_pid)
+    assert host_a.attachments() == []
+    assert os.listdir(os.path.join(host_a.run_dir, "datapath")) == []
+    assert fake_host.connected() == {}
+    assert image_io.read(vdi, 5 * MiB, len(data)) == data  # it reached the cluster
+
+    backend = host_a.plug(qemu_sr, vdi["key"], domain="12")
+    with nbd_client(backend) as client:
+        assert client.pread(len(data), 5 * MiB) == data
+        assert client.pread(MiB, 0) == bytes(MiB)
+    host_a.unplug(qemu_sr, vdi["key"], domain="12")
+    xapi.vdi_destroy(qemu_sr, vdi["key"])
+
+
+def test_clone_of_snapshot_reads_what_was_written_before_it(xapi, qemu_sr, host_a):
+    vdi = xapi.vdi_create(qemu_sr, "32M")
+    backend = host_a.plug(qemu_sr, vdi["key"])
+    before, after = pattern(2, MiB), pattern(3, MiB)
+    with nbd_client(backend) as client:
+        client.pwrite(before, 0)
+        client.flush()
+        snapshot = xapi.vdi_snapshot(qemu_sr, vdi["key"])  # while the disk is active
+        client.pwrite(after, 0)
+        client.flush()
+    clone = xapi.vdi_clone(qemu_sr, snapshot["key"])
+    clone_backend = host_a.plug(qemu_sr, clone["key"], domain="8")
+    snapshot_backend = host_a.plug(qemu_sr, snapshot["key"], domain="9")  # read-only
+    with nbd_client(clone_backend) as client:
+        assert client.pread(MiB, 0) == before
+    with nbd_client(snapshot_backend) as client:
+        assert client.is_read_only()
+        assert client.pread(MiB, 0) == before
+    with nbd_client(backend) as client:
+        assert client.pread(MiB, 0) == after
+    for key, domain in ((snapshot["key"], "9"), (clone["key"], "8"), (vdi["key"], "7")):
+        host_a.unplug(qemu_sr, key, domain)
+    assert host_a.attachments() == []
+
+
+def test_second_host_activates_only_after_the_first_deactivates(
+        xapi, qemu_sr, host_a, host_b, cluster):
+    vdi = xapi.vdi_create(qemu_sr, "32M")
+    backend_a = host_a.plug(qemu_sr, vdi["key"])
+    with nbd_client(backend_a) as client:
+        client.pwrite(pattern(4, MiB), 0)
+        client.flush()
+    uri = vdi["uri"][0]
+
+    # live migration: the destination attaches early, which opens nothing
+    with host_b.current():
+        backend_b = xapi.datapath("Datapath.attach", uri=uri, domain="3")
+    refused = refusal(host_b, "Datapath.activate", uri, "3")
+    assert refused[:2] == ["Activated_on_another_host", host_a.uuid]
+    assert "deactivate it there first" in refused[2]
+    with nbd_client(backend_a) as client:  # host A was not disturbed
+        client.pwrite(pattern(5, MiB), MiB)
+        client.flush()
+
+    [state_a] = host_a.attachments()
+    host_a.datapath("Datapath.deactivate", uri, "7")  # downtime: source deactivates,
+    host_b.datapath("Datapath.activate", uri, "3")    # then the destination activates
+    with nbd_client(backend_b) as client:
+        assert client.pread(2 * MiB, 0) == pattern(4, MiB) + pattern(5, MiB)
+    refused = refusal(host_a, "Datapath.activate", uri, "7")
+    assert refused[:2] == ["Activated_on_another_host", host_b.uuid]
+    host_a.datapath("Datapath.deactivate", uri, "")  # DP.destroy on the source
+    host_a.datapath("Datapath.detach", uri, "")
+    host_b.unplug(qemu_sr, vdi["key"], domain="3")
+    assert host_a.attachments() == host_b.attachments() == []
+    assert state_a["clients"] and not any(  # a clean handover fences nobody
+        address in blocklist(cluster) for address in state_a["clients"])
+
+
+def test_killed_qemu_is_recovered_on_its_host(xapi, qemu_sr, host_a, host_b, cluster,
+                                              short_watch_timeout):
+    vdi = xapi.vdi_create(qemu_sr, "32M")
+    backend = host_a.plug(qemu_sr, vdi["key"])
+    with nbd_client(backend) as client:
+        client.pwrite(pattern(6, MiB), 0)
+        client.flush()
+    [state] = host_a.attachments()
+    _kill(state["qemu_pid"])
+    until("qemu to die", lambda: not alive(state["qemu_pid"]))
+    uri = vdi["uri"][0]
+    # Host B cannot tell a dead qemu from a live one while Ceph keeps its watch.
+    host_b.datapath("Datapath.attach", uri, "3")
+    refused = refusal(host_b, "Datapath.activate", uri, "3")
+    assert refused[:2] == ["Activated_on_another_host", host_a.uuid]
+    host_b.datapath("Datapath.detach", uri, "3")
+
+    # Host A knows: shutdown works and fences the dead client, start works again.
+    host_a.unplug(qemu_sr, vdi["key"])
+    assert host_a.attachments() == []
+    for client_address in state["clients"]:
+        assert client_address in blocklist(cluster)
+    backend = host_a.plug(qemu_sr, vdi["key"])
+    with nbd_client(backend) as client:
+        assert client.pread(MiB, 0) == pattern(6, MiB)
+    host_a.unplug(qemu_sr, vdi["key"])
+
+
+def test_vanished_host_is_fenced_before_another_takes_over(
+        xapi, qemu_sr, host_a, host_b, cluster, short_watch_timeout):
+    """Host A hangs (its qemu stops, its state is lost): host B is refused while
+    Ceph still sees A's client, then takes over after blocklisting it; when A
+    wakes up, it cannot write any more."""
+    vdi = xapi.vdi_create(qemu_sr, "32M")
+    backend_a = host_a.plug(qemu_sr, vdi["key"])
+    uri = vdi["uri"][0]
+    [state] = host_a.attachments()
+    with nbd_client(backend_a) as zombie:
+        zombie.pwrite(pattern(7, MiB), 0)
+        zombie.flush()
+        os.kill(state["qemu_pid"], signal.SIGSTOP)
+        try:
+            backend_b = host_b.datapath("Datapath.attach", uri, "4")
+            assert refusal(host_b, "Datapath.activate", uri, "4")[1] == host_a.uuid
+
+            def take_over():
+                try:
+                    host_b.datapath("Datapath.activate", uri, "4")
+                    return True
+                except Exception as exc:  # xcp_rbd.xapi.PluginError
+                    assert exc.params[:2] == ["Activated_on_another_host", host_a.uuid]
+                    return False
+            until("host A's watch to expire", take_over)
+            for client_address in state["clients"]:
+                assert client_address in blocklist(cluster)
+            with nbd_client(backend_b) as client:
+                assert client.pread(MiB, 0) == pattern(7, MiB)
+                client.pwrite(pattern(8, MiB), 0)
+                client.flush()
+        finally:
+            os.kill(state["qemu_pid"], signal.SIGCONT)
+        with pytest.raises(nbd.Error):
+            zombie.pwrite(pattern(9, MiB), 0)
+            zombie.flush()
+    _kill(state["qemu_pid"])
+    with nbd_client(backend_b) as client:
+        assert client.pread(MiB, 0) == pattern(8, MiB)
+    host_b.unplug(qemu_sr, vdi["key"], domain="4")
+
+
+def test_osd_restart_during_writes_loses_no_acknowledged_write(xapi, qemu_sr, host_a,
+                                                               cluster, image_io):
+    vdi = xapi.vdi_create(qemu_sr, "16M")
+    backend = host_a.plug(qemu_sr, vdi["key"])
+    blocks = 16 * MiB // BLOCK
+    last = {}  # offset -> seed of the last write acknowledged there
+    written = [0]
+    failures = []
+    stop = threading.Event()
+
+    def write():
+        try:
+            with nbd_client(backend) as client:
+                while not stop.is_set():
+                    seed = written[0]
+                    client.pwrite(pattern(seed, BLOCK), seed % blocks * BLOCK)
+                    last[seed % blocks * BLOCK] = seed
+                    written[0] += 1
+        except Exception as exc:  # reported by the main thread
+            failures.append(exc)
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        until("the first writes", lambda: written[0] >= 32)
+        cluster.stop_osd()
+        stopped = written[0]
+        cluster.start_osd()
+        until("writes after the restart", lambda: failures or written[0] > stopped + 32)
+    finally:
+        stop.set()
+        writer.join(300)
+    assert failures == [] and written[0] > blocks  # every block written at least once
+    host_a.unplug(qemu_sr, vdi["key"])
+    for offset, seed in last.items():
+        assert image_io.read(vdi, offset, BLOCK) == pattern(seed, BLOCK), (offset, seed)
+
+
+def test_keys_stay_in_the_keyring(xapi, qemu_sr, host_a, fake_host, cluster):  # noqa: F811
+    with open(cluster.keyring) as stream:
+        key = re.search(r"key\s*=\s*(\S+)", stream.read()).group(1).encode()
+    vdi = xapi.vdi_create(qemu_sr, "16M")
+    host_a.plug(qemu_sr, vdi["key"])
+    pid = host_a.qemu_pid()
+    for name in ("cmdline", "environ"):
+        with open("/proc/%d/%s" % (pid, name), "rb") as stream:
+            assert key not in stream.read()
+    state_dirs = os.path.join(host_a.run_dir, "datapath")
+    for directory, _, files in os.walk(state_dirs):
+        if directory != state_dirs:
+            assert os.stat(directory).st_mode & 0o077 == 0
+        for name in files:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                assert os.stat(path).st_mode & 0o077 == 0, path
+                with open(path, "rb") as stream:
+                    assert key not in stream.read(), path
+    assert key.decode() not in json.dumps(fake_host.commands())
+    host_a.unplug(qemu_sr, vdi["key"])
+
+
+def test_detach_of_an_active_volume_leaves_nothing(xapi, qemu_sr, host_a, host_b):
+    """Detach never fails: even straight after activate, it flushes, releases the
+    activation and ends qemu."""
+    vdi = xapi.vdi_create(qemu_sr, "16M")
+    backend = host_a.plug(qemu_sr, vdi["key"])
+    with nbd_client(backend) as client:
+        client.pwrite(pattern(10, MiB), 0)
+    pid = host_a.qemu_pid()
+    host_a.datapath("Datapath.detach", vdi["uri"][0], "7")
+    host_a.datapath("Datapath.detach", vdi["uri"][0], "7")
+    assert not alive(pid) and host_a.attachments() == []
+    backend = host_b.plug(qemu_sr, vdi["key"], domain="2")
+    with nbd_client(backend) as client:
+        assert client.pread(MiB, 0) == pattern(10, MiB)
+    host_b.unplug(qemu_sr, vdi["key"], domain="2")
