@@ -187,7 +187,11 @@ def test_killed_collector_restarts_and_finishes(xapi, sr_uuid, sr, cluster, inst
     assert (images, trash) == ([], "")
 
 
-def test_orphans_are_cleaned_but_not_volumes_being_created(xapi, sr_uuid, sr, cluster):
+def test_orphans_are_cleaned_but_not_volumes_being_created(xapi, cluster, device_config):
+    # a namespace shared with others: only what carries our back-pointer is ours
+    cluster.rbd("namespace", "create", "%s/shared" % cluster.pool)
+    sr_uuid = xapi.sr_create(dict(device_config, namespace="shared"), name="shared")
+    sr = xapi.sr(sr_uuid)
     with open_sr(sr) as attached:
         # what a Volume.create killed between the image and its record leaves
         attached.rbd.create(attached.ioctx, "orphan", 4 * MiB)
@@ -210,8 +214,9 @@ def test_orphans_are_cleaned_but_not_volumes_being_created(xapi, sr_uuid, sr, cl
         assert {"being-created", "not-ours", disk["key"]} <= names
         with attached.image(disk["key"], read_only=True) as image:
             assert [s["name"] for s in image.list_snaps()] == []
-        attached.rbd.remove(attached.ioctx, "not-ours")
         attached.rbd.remove(attached.ioctx, "being-created")
+    xapi.sr_destroy(sr_uuid)
+    assert cluster.rbd("ls", "%s/shared" % cluster.pool).split() == ["not-ours"]
 
 
 def test_diagnostics_and_tool_show_jobs_and_hidden(xapi, sr_uuid, sr):

@@ -22,6 +22,7 @@ class Sr(object):
         self.ioctx = ioctx
         self.index = Index(ioctx, metadata.index_object(where.sr_uuid))
         self.rbd = rbd.RBD()
+        self._owns_namespace = None
 
     def record(self):
         """The SR record, or a clear error if the SR does not exist."""
@@ -60,15 +61,27 @@ class Sr(object):
             self.index.write({metadata.usage_field(key): metadata.dumps(
                 {"bytes": usage, "at": int(time.time())})})
 
+    def owns(self, image):
+        """Whether an open image belongs to this SR: everything in a namespace the SR
+        made for itself does; elsewhere only what carries the SR's back-pointer."""
+        if self._owns_namespace is None:
+            self._owns_namespace = bool(self.record().get("namespace_owned"))
+        if self._owns_namespace:
+            return True
+        try:
+            return image.metadata_get(metadata.META_SR) == self.location.sr_uuid
+        except KeyError:
+            return False
+
     def images(self):
         """Names of the RBD images of this SR's namespace that belong to it."""
         names = []
         for entry in self.rbd.list2(self.ioctx):
             try:
                 with self.image(entry["name"], read_only=True) as image:
-                    if image.metadata_get(metadata.META_SR) == self.location.sr_uuid:
+                    if self.owns(image):
                         names.append(entry["name"])
-            except (KeyError, rbd.ImageNotFound):
+            except rbd.ImageNotFound:
                 continue
         return names
 

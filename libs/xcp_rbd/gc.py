@@ -161,6 +161,11 @@ class Collector(object):
             protocol.arm_watchdog(3 * self.sr.location.cluster.timeout + 5,
                                   "the collector stopped making progress")
 
+    def progress(self, done, total):
+        """librbd's progress callback for long operations: keep lock and watchdog."""
+        self.keep_lock()
+        return 0  # go on
+
     def run(self):
         """Collect until nothing more can be done; return what was done."""
         self.refresh_usage()
@@ -207,8 +212,8 @@ class Collector(object):
     def is_ours(self, name):
         try:
             with self.sr.image(name, read_only=True) as image:
-                return image.metadata_get(metadata.META_SR) == self.sr.location.sr_uuid
-        except (KeyError, rbd.ImageNotFound):
+                return self.sr.owns(image)
+        except rbd.ImageNotFound:
             return False
 
     def collect_image(self, name):
@@ -261,14 +266,14 @@ class Collector(object):
             self.keep_lock()
             try:
                 with rbd.Image(self.sr.ioctx, image_id=entry["id"]) as image:
-                    if image.metadata_get(metadata.META_SR) != self.sr.location.sr_uuid:
+                    if not self.sr.owns(image):
                         continue
                     for snap in _user_snapshots(image):
                         image.remove_snap(snap)
                 self.sr.rbd.trash_remove(self.sr.ioctx, entry["id"], True,
-                                         on_progress=lambda done, total: self.keep_lock())
+                                         on_progress=self.progress)
                 self.actions.append("removed image %s" % entry["name"])
-            except (KeyError, rbd.ImageNotFound):
+            except rbd.ImageNotFound:
                 continue
             except (rbd.ImageHasSnapshots, rbd.ImageBusy) as exc:
                 log.debug("trashed image %s not removable yet: %s", entry["name"], exc)
@@ -313,7 +318,7 @@ class Collector(object):
             task = self.queue_mgr_flatten(name)
             if task is None:
                 with self.sr.image(name) as image:
-                    image.flatten(on_progress=lambda done, total: self.keep_lock())
+                    image.flatten(on_progress=self.progress)
                 continue
             job.update(task=task, size=size)
             self.sr.index.write({field: metadata.dumps(job)})
