@@ -178,12 +178,16 @@ def test_killed_collector_restarts_and_finishes(xapi, sr_uuid, sr, cluster, inst
         time.sleep(delay)
         collector.send_signal(signal.SIGKILL)
         collector.wait()
+    # The killed collector's lock lease, and the watches of the images it had open
+    # (osd_client_watch_timeout), run out; until then a trashed image stays busy.
+    deadline = time.time() + gc.GC_LEASE + 60
     with open_sr(sr) as attached:
-        # the killed holder's lease has to run out before anyone collects again
-        deadline = time.time() + gc.GC_LEASE + 30
-        while gc.collect(attached, full=True) is None and time.time() < deadline:
-            time.sleep(2)
-    images, _, trash = namespace_contents(cluster, xapi, sr_uuid)
+        while True:
+            gc.collect(attached, full=True)
+            images, _, trash = namespace_contents(cluster, xapi, sr_uuid)
+            if (images, trash) == ([], "") or time.time() > deadline:
+                break
+            time.sleep(3)
     assert (images, trash) == ([], "")
 
 

@@ -495,7 +495,9 @@ keyring = {admin}
                 and status["osdmap"]["num_up_osds"] == status["osdmap"]["num_osds"] == 1
                 and self._status["mgr_available"]
                 and pgs["num_pgs"] >= PG_NUM * len(self.pools)
-                and states.get("active+clean") == pgs["num_pgs"])
+                # snapshot trimming (active+clean+snaptrim...) is background work
+                and sum(count for state, count in states.items()
+                        if state.startswith("active+clean")) == pgs["num_pgs"])
 
     def _wait_ready(self, deadline):
         self._status = None
