@@ -108,7 +108,7 @@ def adopt(sr, key, record, new):
         size = image.size()
     adopted = {"uuid": new, "name": record["name"], "description": record["description"],
                "image": name, "snap": None, "sharable": record["sharable"], "size": size,
-               "created": metadata.now()}
+               "created": metadata.now(), "cbt": record.get("cbt", False)}
     # XAPI re-points the siblings' snapshot_of to the new disk in its own DB only:
     # do it here too, or the next scan would drop the lineage.
     lineage = {metadata.key_prefix(snap) + "snapshot_of": new

@@ -83,9 +83,10 @@ class SrLocation(object):
         return cls(pool, namespace, sr_uuid, ClusterConfig.from_mapping(mapping),
                    datapath, int(depth))
 
-    def volume_uri(self, image, snap=None):
+    def volume_uri(self, image, snap=None, data_destroyed=False):
         query = self.cluster.to_mapping()
-        query.update(snap=snap or "", backend=self.datapath)
+        query.update(snap=snap or "", backend=self.datapath,
+                     data_destroyed="1" if data_destroyed else "")
         return _format(DATAPATH_SCHEME, [self.pool, self.namespace, image], query)
 
     def describe(self):
@@ -96,13 +97,15 @@ class SrLocation(object):
 class VolumeLocation(object):
     """What the datapath plugin needs to reach one image (parsed from its uri)."""
 
-    def __init__(self, pool, namespace, image, snap, backend, cluster):
+    def __init__(self, pool, namespace, image, snap, backend, cluster, data_destroyed=False):
         self.pool = pool
         self.namespace = namespace
         self.image = image
         self.snap = snap
         self.backend = backend
         self.cluster = cluster
+        # Volume.data_destroy kept only the volume's CBT metadata: nothing to attach.
+        self.data_destroyed = data_destroyed
 
     @classmethod
     def parse(cls, uri):
@@ -113,7 +116,7 @@ class VolumeLocation(object):
                 "Invalid_parameters", "unknown datapath backend %r in %r (one of %s)"
                 % (backend, uri, ", ".join(DATAPATH_BACKENDS)))
         return cls(pool, namespace, image, query.get("snap") or None, backend,
-                   ClusterConfig.from_mapping(query))
+                   ClusterConfig.from_mapping(query), query.get("data_destroyed") == "1")
 
     @property
     def spec(self):

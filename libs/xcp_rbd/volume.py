@@ -61,7 +61,8 @@ def view(sr, key, record, keys, usage):
         "description": record["description"], "read_write": record["snap"] is None,
         "sharable": record["sharable"], "virtual_size": record["size"],
         "physical_utilisation": usage,
-        "uri": [cbt.volume_uri(sr, record)],
+        "uri": [sr.location.volume_uri(record["image"], record["snap"],
+                                       record.get(cbt.DATA_DESTROYED, False))],
         "keys": keys, "cbt_enabled": record.get("cbt", False),
     }
 
@@ -113,7 +114,7 @@ def snapshot(dbg, sr, key):
             snap_record = dict(_new_record(new, record, record["image"], new, size),
                                cbt=record.get("cbt", False))
             attached.index.write({volume_field(new): dumps(snap_record)})
-            cbt.release_destroyed(attached, record["image"])
+            cbt.after_snapshot(attached, record)
         return view(attached, new, snap_record, {}, 0)
 
 

@@ -3,7 +3,7 @@
 Installed as one script with a link per command (see CMakeLists.txt).
 """
 
-from xcp_rbd import plugin, protocol, sr, volume
+from xcp_rbd import cbt, plugin, protocol, sr, volume
 
 COMMANDS = {
     "Plugin.Query": plugin.query,
@@ -27,6 +27,10 @@ COMMANDS = {
     "Volume.resize": volume.resize,
     "Volume.snapshot": volume.snapshot,
     "Volume.clone": volume.clone,
+    "Volume.enable_cbt": cbt.enable_cbt,
+    "Volume.disable_cbt": cbt.disable_cbt,
+    "Volume.list_changed_blocks": cbt.list_changed_blocks,
+    "Volume.data_destroy": cbt.data_destroy,
 }
 
 
