@@ -101,12 +101,15 @@ def main():
             xe("vdi-destroy", sr, clone["key"])
 
             say("The collector reclaims the rest in the background (here: in the foreground)")
-            xe("gc", sr, brief=lambda r: "; ".join(r["actions"]) or "nothing left to do")
+            xe("gc", sr, brief=lambda r: "%s; now hidden: %s, awaiting collection: %s" % (
+                "; ".join(r["actions"]) or "the background collectors had done it all",
+                r["status"]["hidden_images"] or "none",
+                r["status"]["awaiting_collection"] or "none"))
 
             say("xe sr-destroy")
             xe("sr-destroy", sr)
-            left = cluster.rbd("ls", "--all", "-p", cluster.pool).strip()
-            print("  images left in pool %s: %s" % (cluster.pool, left or "none"))
+            print("  namespaces left in pool %s: %s" % (
+                cluster.pool, cluster.rbd("namespace", "ls", cluster.pool).split() or "none"))
         say("Cluster stopped and removed. Done.")
 
 
