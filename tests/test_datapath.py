@@ -185,7 +185,7 @@ def test_install_has_one_link_per_command(plugin_root, xapi):
              if os.path.islink(os.path.join(directory, name))}
     assert links == set(COMMANDS) == {
         "Plugin.Query", "Datapath.attach", "Datapath.activate", "Datapath.deactivate",
-        "Datapath.detach"}
+        "Datapath.detach", "Data.mirror", "Data.stat"}
     query = xapi.datapath("Plugin.Query")
     assert query["plugin"] == "rbd+tapdisk" and query["required_api_version"] == "5.0"
     assert "NONPERSISTENT" not in query["features"]
@@ -434,3 +434,21 @@ def test_detach_of_an_active_volume_leaves_nothing(xapi, qemu_sr, host_a, host_b
     with nbd_client(backend) as client:
         assert client.pread(MiB, 0) == pattern(10, MiB)
     host_b.unplug(qemu_sr, vdi["key"], domain="2")
+
+
+def test_data_destroyed_volume_is_refused(xapi, qemu_sr, host_a):
+    from xcp_rbd.location import VolumeLocation
+    sr_uuid = qemu_sr
+    sr = xapi.sr(sr_uuid)
+    disk = xapi.vdi_create(sr_uuid, "8M")
+    xapi.volume("Volume.enable_cbt", sr=sr, key=disk["key"])
+    old = xapi.vdi_snapshot(sr_uuid, disk["key"])
+    xapi.vdi_snapshot(sr_uuid, disk["key"])
+    xapi.volume("Volume.data_destroy", sr=sr, key=old["key"])
+    uri = xapi.volume("Volume.stat", sr=sr, key=old["key"])["uri"][0]
+    assert VolumeLocation.parse(uri).data_destroyed
+    for command in ("Datapath.attach", "Datapath.activate"):
+        with pytest.raises(Exception) as refused:
+            xapi.datapath(command, uri=uri, domain="7")
+        assert refused.value.params[0] == "Volume_data_destroyed"
+    xapi.datapath("Datapath.detach", uri=uri, domain="7")  # teardown never refuses

@@ -4,7 +4,7 @@ Installed as one script with a link per command (see CMakeLists.txt).
 """
 
 from xcp_rbd import protocol
-from xcp_rbd.datapath import commands
+from xcp_rbd.datapath import commands, mirror
 
 COMMANDS = {
     "Plugin.Query": commands.query,
@@ -12,6 +12,8 @@ COMMANDS = {
     "Datapath.activate": commands.activate,
     "Datapath.deactivate": commands.deactivate,
     "Datapath.detach": commands.detach,
+    "Data.mirror": mirror.mirror,
+    "Data.stat": mirror.stat,
 }
 
 

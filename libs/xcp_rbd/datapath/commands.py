@@ -8,6 +8,7 @@
 - activate: the activation lock (activation), then the backend opens the image
   and gives a dom0 block device, and tapdisk opens that device.
 - deactivate: the reverse, flushing on the way; the lock is released last.
+  A storage migration's mirror (mirror) ends before the image closes.
   Each step is recorded in the volume's state as it is done or undone, so
   every command can be repeated: XAPI deactivates twice per shutdown.
 - detach: whatever is left, then the state itself; it never fails.
@@ -16,7 +17,7 @@
 """
 
 from xcp_rbd import cluster, location, log, protocol
-from xcp_rbd.datapath import host, qemu, rbd_nbd, state
+from xcp_rbd.datapath import host, mirror, qemu, rbd_nbd, state
 
 VERSION = "1.0.0"
 BACKENDS = {backend.name: backend for backend in (rbd_nbd.RbdNbd(), qemu.Qemu())}
@@ -43,8 +44,18 @@ def _volume(uri):
     return where, BACKENDS[where.backend]
 
 
-def attach(dbg, uri, domain):
+def _usable(uri):
+    """_volume, for the calls that give a VM the data (not for the teardown ones)."""
     where, backend = _volume(uri)
+    if where.data_destroyed:
+        raise protocol.failure(
+            "Volume_data_destroyed", "%s: its data was destroyed (Volume.data_destroy), "
+            "only its changed-block tracking metadata is left" % where.spec)
+    return where, backend
+
+
+def attach(dbg, uri, domain):
+    where, backend = _usable(uri)
     with state.Attachment(where) as att:
         if "tapdisk" not in att.values:
             tapdisk = host.tapdisk_create()
@@ -61,7 +72,7 @@ def attach(dbg, uri, domain):
 
 
 def activate(dbg, uri, domain):
-    where, backend = _volume(uri)
+    where, backend = _usable(uri)
     with state.Attachment(where) as att:
         if "tapdisk" not in att.values:
             raise protocol.failure("Not_attached", "%s is not attached on this host: "
@@ -135,7 +146,10 @@ def _deactivate(att, where, backend):
             log.warning("%s: %s", where.spec, exc)
         att.save()
     dead = False
+    unfinished = None
     if values.get("opened"):
+        # Before the image closes: the mirror target must get every write.
+        unfinished = mirror.finish(att)
         dead = backend.close(att, where)
         for key in ("opened", "device"):
             values.pop(key, None)
@@ -147,6 +161,8 @@ def _deactivate(att, where, backend):
         for key in ("claimed", "clients"):
             values.pop(key, None)
         att.save()
+    if unfinished:
+        raise unfinished
 
 
 def deactivate(dbg, uri, domain):
@@ -170,5 +186,6 @@ def detach(dbg, uri, domain):
                 step()
             except Exception as exc:
                 log.error("%s: detach could not %s (left behind): %s", where.spec, what, exc)
+        mirror.forget(att)
         att.values = {}
     log.info("%s detached (domain %r)", where.spec, domain)

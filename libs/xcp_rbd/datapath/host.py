@@ -20,7 +20,6 @@ import subprocess
 from xcp_rbd import log, protocol
 from xcp_rbd.datapath import state
 
-SYSFS = os.environ.get("XCP_RBD_SYSFS", "/sys")  # configurable for tests
 COMMAND_TIMEOUT = 30
 
 
@@ -87,7 +86,7 @@ def tapdisk_destroy(tapdisk):
 
 def _free_nbd_device():
     """The first /dev/nbdN with no client connected (no pid in sysfs)."""
-    block = os.path.join(SYSFS, "block")
+    block = os.path.join(os.environ.get("XCP_RBD_SYSFS", "/sys"), "block")  # tests move it
     names = [name for name in os.listdir(block) if re.match(r"nbd\d+$", name)] \
         if os.path.isdir(block) else []
     for name in sorted(names, key=lambda name: int(name[3:])):

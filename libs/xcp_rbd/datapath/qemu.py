@@ -7,6 +7,7 @@ still writes. activate opens the image with qemu's rbd driver (librbd inside
 qemu) and exports it; the export is the `Nbd` implementation, and the dom0
 block device comes from nbd-client on it (host). deactivate removes the export
 and closes the image, which flushes it and drops its watch; detach ends qemu.
+The same qemu runs a storage migration's mirror job (mirror).
 
 How qemu reaches Ceph: `conf` and `user` are rbd driver options; the keyring
 path, mon_host and a connect bound reach librados through CEPH_ARGS in qemu's
@@ -30,6 +31,7 @@ QMP_SOCKET = "qmp.sock"
 NBD_SOCKET = "nbd.sock"
 LOG = "qemu.log"
 START_TIMEOUT = 10
+CONNECT_ATTEMPTS = 3
 QUIT_TIMEOUT = 10
 
 
@@ -104,14 +106,19 @@ class Monitor(object):
         self._timer = threading.Timer(self.bound, _kill, [self.att.values["qemu_pid"]])
         self._timer.daemon = True
         self._timer.start()
-        self._qmp = QEMUMonitorProtocol(self.att.socket_path(QMP_SOCKET))
-        try:
-            self._qmp.connect()
-        except Exception as exc:  # qemu.qmp's errors differ between versions
-            self._timer.cancel()
-            raise QemuFailed("cannot talk to qemu (pid %s): %s" % (
-                self.att.values["qemu_pid"], exc))
-        return self
+        for _ in range(CONNECT_ATTEMPTS):
+            self._qmp = QEMUMonitorProtocol(self.att.socket_path(QMP_SOCKET))
+            try:
+                self._qmp.connect()
+                return self
+            except Exception as exc:  # qemu.qmp's errors differ between versions
+                # An event (a job changing state) that qemu sends before its answer
+                # to qmp_capabilities fails qemu.qmp's handshake; the next session
+                # does not meet the same event.
+                failure = exc
+        self._timer.cancel()
+        raise QemuFailed("cannot talk to qemu (pid %s): %s" % (
+            self.att.values["qemu_pid"], failure))
 
     def execute(self, command, arguments=None):
         """A QMP command's return value (cmd_obj: the same in every qemu.qmp)."""
