@@ -452,3 +452,22 @@ def test_data_destroyed_volume_is_refused(xapi, qemu_sr, host_a):
             xapi.datapath(command, uri=uri, domain="7")
         assert refused.value.params[0] == "Volume_data_destroyed"
     xapi.datapath("Datapath.detach", uri=uri, domain="7")  # teardown never refuses
+
+
+def test_second_attachment_for_dom0_leaves_the_vm_disk_alone(xapi, qemu_sr, host_a):
+    """Storage migration attaches the running VM's disk again for dom0 (u0_...) and,
+    after a failed migration, destroys that datapath while the VM runs on."""
+    vdi = xapi.vdi_create(qemu_sr, "16M")
+    backend = host_a.plug(qemu_sr, vdi["key"], domain="7")
+    uri = xapi.volume("Volume.stat", sr=xapi.sr(qemu_sr), key=vdi["key"])["uri"][0]
+    host_a.datapath("Datapath.attach", uri, "u0_mirror_dp")
+    host_a.datapath("Datapath.deactivate", uri, "u0_mirror_dp")
+    host_a.datapath("Datapath.detach", uri, "u0_mirror_dp")
+    data = pattern(7, MiB)
+    with nbd_client(backend) as client:   # the VM's disk still works
+        client.pwrite(data, 0)
+        client.flush()
+        assert client.pread(len(data), 0) == data
+    host_a.unplug(qemu_sr, vdi["key"], domain="7")
+    assert host_a.attachments() == []
+    xapi.vdi_destroy(qemu_sr, vdi["key"])

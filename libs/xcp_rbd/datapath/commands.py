@@ -61,7 +61,8 @@ def attach(dbg, uri, domain):
             tapdisk = host.tapdisk_create()
             att.values.update(uri=uri, volume=where.spec, backend=backend.name,
                               tapdisk=tapdisk)
-            att.save()
+        att.values["domains"] = sorted(set(att.values.get("domains", [])) | {domain})
+        att.save()
         backend.attach(att, where)
         log.info("%s attached (domain %r)", where.spec, domain)
         tapdev = att.values["tapdisk"]["path"]
@@ -92,8 +93,22 @@ def activate(dbg, uri, domain):
         except Exception:
             _undo(att, where, backend)
             raise
+        att.values["active_domain"] = domain
+        att.save()
     log.info("%s active (domain %r)", where.spec, domain)
     return None
+
+
+def _for_another_domain(att, domain):
+    """Whether a deactivate/detach comes from a second attachment of the volume on this
+    host while the first one still uses it: storage migration attaches the VM's disk
+    again for dom0 (u0_...) and destroys that datapath after a failed migration, while
+    the VM keeps running. `domain` is unreliable ("" once a domain is gone), so only a
+    named, attached domain other than the active one counts."""
+    values = att.values
+    return (domain != "" and values.get("tapdisk_open")
+            and domain != values.get("active_domain")
+            and values.get("active_domain") in values.get("domains", []))
 
 
 def _activation_lock(connection, where):
@@ -168,7 +183,13 @@ def _deactivate(att, where, backend):
 def deactivate(dbg, uri, domain):
     where, backend = _volume(uri)
     with state.Attachment(where) as att:
+        if _for_another_domain(att, domain):
+            log.info("%s stays active for domain %r (deactivate for %r)", where.spec,
+                     att.values["active_domain"], domain)
+            return None
         _deactivate(att, where, backend)
+        att.values.pop("active_domain", None)
+        att.save()
     log.info("%s inactive (domain %r)", where.spec, domain)
 
 
@@ -176,6 +197,12 @@ def detach(dbg, uri, domain):
     """Never fails: what cannot be undone is logged and forgotten."""
     where, backend = _volume(uri)
     with state.Attachment(where) as att:
+        if _for_another_domain(att, domain):
+            att.values["domains"] = [d for d in att.values["domains"] if d != domain]
+            att.save()
+            log.info("%s stays attached for domain %r (detach for %r)", where.spec,
+                     att.values["active_domain"], domain)
+            return None
         tapdisk = att.values.get("tapdisk")
         steps = [("deactivate", lambda: _deactivate(att, where, backend)),
                  ("end the backend", lambda: backend.detach(att, where))]
