@@ -265,8 +265,10 @@ def test_mirror_to_a_plain_qemu_nbd(xapi, qemu_sr, host_a, image_io):  # noqa: F
     detach_source(xapi, host_a, uri, operation)
 
 
-def test_target_that_disappears_fails_the_mirror_not_the_guest(
-        xapi, qemu_sr, host_a, image_io):  # noqa: F811
+def mirror_then_lose_target(xapi, qemu_sr, host_a, after_loss):
+    """A guest writing, its disk mirrored in sync to a qemu-nbd target that is then
+    killed; after_loss(operation, guest) runs before the target is cleaned up.
+    Returns (source volume, uri, guest, operation)."""
     source = xapi.vdi_create(qemu_sr, SIZE)
     uri = source["uri"][0]
     backend = host_a.plug(qemu_sr, source["key"], domain=VM)
@@ -277,8 +279,15 @@ def test_target_that_disappears_fails_the_mirror_not_the_guest(
                          remote=target.remote)
         wait_for(xapi, host_a, operation, "complete")
         target.process.kill()
-        wait_for(xapi, host_a, operation, "failed")
-        guest.write_more(50)
+        after_loss(operation, guest)
+    return source, uri, guest, operation
+
+
+def test_target_that_disappears_fails_the_mirror_not_the_guest(
+        xapi, qemu_sr, host_a, image_io):  # noqa: F811
+    source, uri, guest, operation = mirror_then_lose_target(
+        xapi, qemu_sr, host_a, lambda operation, guest: (
+            wait_for(xapi, host_a, operation, "failed"), guest.write_more(50)))
     guest.pause()  # no write failed
     assert data_stat(xapi, host_a, operation) == {"failed": True, "complete": False}
     # XAPI was told: deactivate just ends what is left of the mirror
@@ -293,17 +302,8 @@ def test_deactivate_fails_when_a_mirror_in_sync_fails_at_the_end(
     """XAPI was told "complete", then the target died before the downtime: deactivate
     closes the source all the same, but fails once, so that the migration does not
     go on with a target that misses writes."""
-    source = xapi.vdi_create(qemu_sr, SIZE)
-    uri = source["uri"][0]
-    backend = host_a.plug(qemu_sr, source["key"], domain=VM)
-    guest = Guest(backend, disk_content(backend))
-    with qemu_nbd_target() as target:
-        guest.start()
-        operation = call(xapi, host_a, "Data.mirror", uri=uri, domain=VM,
-                         remote=target.remote)
-        wait_for(xapi, host_a, operation, "complete")
-        target.process.kill()
-        guest.write_more(10)
+    source, uri, guest, operation = mirror_then_lose_target(
+        xapi, qemu_sr, host_a, lambda operation, guest: guest.write_more(10))
     guest.pause()
     refused = refusal_of(xapi, host_a, "Datapath.deactivate", uri=uri, domain=VM)
     assert refused[0] == "Mirror_failed" and "misses writes" in refused[1]
