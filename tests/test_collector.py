@@ -268,8 +268,14 @@ def test_killed_creates_leave_nothing_after_collection(xapi, sr_uuid, sr, plugin
         time.sleep(delay)
         process.kill()
         process.wait()
-    time.sleep(CREATE_LOCK_LEASE + 1)   # what a killed create holds runs out
     listed = {v["key"] for v in xapi.sr_scan(sr_uuid)}
+    # What a killed create holds runs out: its image lock (CREATE_LOCK_LEASE), and
+    # the exclusive lock and watch of the image it had open (osd_client_watch_timeout).
+    deadline = time.time() + CREATE_LOCK_LEASE + 60
     with open_sr(sr) as attached:
-        gc.collect(attached, wait=120, full=True)
+        while True:
+            gc.collect(attached, wait=120, full=True)
+            if set(attached.images()) == listed or time.time() > deadline:
+                break
+            time.sleep(3)
         assert set(attached.images()) == listed

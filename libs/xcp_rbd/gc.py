@@ -245,6 +245,10 @@ class Collector(object):
                 self.actions.append("moved image %s to the trash" % name)
         except rbd.ImageNotFound:
             pass
+        except (rbd.ImageBusy, rbd.Timeout) as exc:
+            # e.g. still held by a client that died (its watch lasts
+            # osd_client_watch_timeout): the next collection gets it.
+            log.info("image %s not collectable yet: %s", name, exc)
         finally:
             lock.release()
 
