@@ -48,6 +48,8 @@ def main():
         sr = xapi.sr(sr_uuid)
         namespace = xapi._state()["device_config"][sr_uuid]["namespace"]
 
+        cluster.rbd("namespace", "create", "%s/baseline" % cluster.pool)
+
         def spec(name):
             return "%s/%s/%s" % (cluster.pool, namespace, name)
 
@@ -65,17 +67,17 @@ def main():
             write(disk, 64 * MiB, "rand")  # the guest changed things after the snapshot
             new, seconds = timed(xapi.snapshot_revert, sr_uuid, snap["key"], disk["key"])
             reverts[label] = seconds
-            # the old drivers' way, same snapshot and data: clone, then flatten
+            # the old drivers' way, same snapshot and data: clone, then flatten (in a
+            # namespace of its own: the SR's collector owns the SR's namespace)
+            flat = "%s/baseline/flat-%d" % (cluster.pool, size)
             _, flatten = timed(lambda: (
                 cluster.rbd("clone", "--rbd-default-clone-format", "2",
-                            spec("%s@%s" % (image_of(new), snap["key"])), spec("flat-" + label.replace(" ", ""))),
-                cluster.rbd("flatten", "--no-progress", spec("flat-" + label.replace(" ", "")),
-                            timeout=3600)))
+                            spec("%s@%s" % (image_of(new), snap["key"])), flat),
+                cluster.rbd("flatten", "--no-progress", flat, timeout=3600)))
             rows.append(("revert, %s written" % label, "%.0f" % (seconds * 1000),
                          "clone + rbd flatten", "%.0f" % (flatten * 1000),
                          "%.1fx faster" % (flatten / seconds)))
-            cluster.rbd("rm", "--no-progress", spec("flat-" + label.replace(" ", "")),
-                        timeout=600)
+            cluster.rbd("rm", "--no-progress", flat, timeout=600)
             xapi.vdi_destroy(sr_uuid, new["key"])
             xapi.vdi_destroy(sr_uuid, snap["key"])
         rows.append(("revert %s / revert 64 MiB" % args.big,

@@ -31,8 +31,12 @@ def main():
         def cli(*argv):
             subprocess.check_call(base + list(argv), stdout=subprocess.DEVNULL)
 
+        # The baseline's own images live beside the SR's namespace, which the SR owns
+        # (its collector reclaims whatever it does not know there).
+        cluster.rbd("namespace", "create", "%s/baseline" % cluster.pool)
+
         def spec(name):
-            return "%s/%s/%s" % (cluster.pool, namespace, name)
+            return "%s/baseline/%s" % (cluster.pool, name)
 
         def plugin(command, **params):
             return xapi.volume(command, sr=sr, **params)
