@@ -33,10 +33,6 @@ SR_RECORD = "sr"
 META_SR = "xcp_rbd.sr"  # image-meta back-pointer: the SR an image belongs to
 LOCK_LEASE = 60  # seconds a lock outlives a killed holder
 _OMAP_PAGE = 100000
-# Listing slices (see Index.read): below the OSDs' default cap of 1024 entries per
-# reply, so that a shorter reply means a complete slice.
-_PAGE = 1000
-_SPLITS = [""] + ["%s.%x" % (kind, digit) for kind in "jkuv" for digit in range(16)]
 _ECANCELED = 125
 _LOCK_RENEW = 1  # LIBRADOS_LOCK_FLAG_RENEW, not exported by the Python binding
 
@@ -76,30 +72,24 @@ class Index(object):
         """Every omap entry (under prefix) as a dict of str -> str.
 
         OSDs cap a listing reply at osd_max_omap_entries_per_request (1024 by
-        default), so one listing of N entries costs N/1024 round trips. Instead,
-        one read op carries a listing per slice of the key space (the per-volume
-        entries are "<kind>.<uuid>...", so they spread over the hex digits): one
-        round trip for up to ~1000 entries per slice, 65 000 in all, and another
-        only for a slice that was fuller than that."""
-        starts = sorted({prefix} | {split for split in _SPLITS if split.startswith(prefix)})
-        ends = starts[1:] + [None]
-        pending = dict(zip(starts, ends))
+        default) without saying so: only an empty page means the end, and a
+        listing of N entries costs N/1024 + 1 round trips. (Splitting the key
+        space into many listings of one read op was measured 3 times slower with
+        2 000 volumes: each listing runs past its slice.)"""
         entries = {}
-        while pending:
+        start = ""
+        while True:
             with rados.ReadOpCtx() as op:
-                listings = [(start, end, self.ioctx.get_omap_vals(op, start, prefix, _PAGE)[0])
-                            for start, end in sorted(pending.items())]
+                values, _ = self.ioctx.get_omap_vals(op, start, prefix, _OMAP_PAGE)
                 try:
                     self.ioctx.operate_read_op(op, self.name)
                 except rados.ObjectNotFound:
                     return entries
-                pending = {}
-                for start, end, values in listings:
-                    page = [(k, (v or b"").decode("utf-8")) for k, v in values]
-                    entries.update(page)
-                    if len(page) == _PAGE and (end is None or page[-1][0] < end):
-                        pending[page[-1][0]] = end  # a full slice: list the rest of it
-        return entries
+                page = [(k, (v or b"").decode("utf-8")) for k, v in values]
+            if not page:
+                return entries
+            entries.update(page)
+            start = page[-1][0]
 
     def read_keys(self, fields, prefix=None):
         """The given fields, and every entry under prefix if one is given, in one
