@@ -7,7 +7,7 @@ import time
 import rbd
 
 from xcp_rbd import cluster, location, metadata, protocol
-from xcp_rbd.metadata import Index
+from xcp_rbd.metadata import SrIndex
 
 
 USAGE_REFRESH = 600  # seconds after which a cached usage is measured again
@@ -20,7 +20,7 @@ class Sr(object):
         self.location = where
         self.connection = connection
         self.ioctx = ioctx
-        self.index = Index(ioctx, metadata.index_object(where.sr_uuid))
+        self.index = SrIndex(ioctx, where.sr_uuid)
         self.rbd = rbd.RBD()
         self._owns_namespace = None
 

@@ -1,6 +1,7 @@
 """SR metadata on the cluster: one RADOS object per SR whose omap is the index.
 
-Object `xcp_rbd.sr.<sr uuid>` (in the SR's namespace) holds:
+The index of SR <uuid> (object `xcp_rbd.sr.<uuid>` in the SR's namespace) holds
+these fields:
   sr             {"uuid", "name", "description", "namespace_owned", ...}
   v.<key>        a volume record: {"uuid", "name", "description", "image",
                  "snap" (null for a writable volume), "read_write", "sharable",
@@ -8,14 +9,15 @@ Object `xcp_rbd.sr.<sr uuid>` (in the SR's namespace) holds:
   k.<key>.<k>    the value of key <k> set with Volume.set
   u.<key>        cached usage {"bytes", "at"} (see volume usage)
 and anything else a module documents where it owns it (the collector's jobs).
+The fields are stored in at most BUCKETS omap values (see SrIndex), so that
+`SR.ls` is one round trip whatever the number of volumes.
 Object `xcp_rbd.srs` in the pool's default namespace maps every SR uuid of the
-pool to its namespace, for SR.probe.
+pool to its namespace, for SR.probe (a plain omap: see Omap).
 
-Every change is one atomic omap write; a read-modify-write of a record is
-guarded by an omap compare, so concurrent scripts on any host never lose an
-update. Operations on one RBD image are serialised by a cluster-side lock
-(cls_lock, with a lease so that a killed script cannot block it for long).
-`SR.ls` is a single omap read whatever the number of volumes.
+Every change is one atomic omap write guarded by omap compares, so concurrent
+scripts on any host never lose an update. Operations on one RBD image are
+serialised by a cluster-side lock (cls_lock, with a lease so that a killed
+script cannot block it for long).
 """
 
 import binascii
@@ -33,6 +35,7 @@ SR_RECORD = "sr"
 META_SR = "xcp_rbd.sr"  # image-meta back-pointer: the SR an image belongs to
 LOCK_LEASE = 60  # seconds a lock outlives a killed holder
 _OMAP_PAGE = 100000
+BUCKETS = 256  # at most this many omap values per SR index, well under a reply's cap
 _ECANCELED = 125
 _LOCK_RENEW = 1  # LIBRADOS_LOCK_FLAG_RENEW, not exported by the Python binding
 
@@ -58,11 +61,11 @@ def dumps(record):
 
 
 class Conflict(Exception):
-    """An omap compare failed: someone changed the record meanwhile."""
+    """An omap compare failed: someone changed the entry meanwhile."""
 
 
-class Index(object):
-    """The omap of one object, read and written atomically."""
+class Omap(object):
+    """The omap of one object, read and written atomically, values as text."""
 
     def __init__(self, ioctx, name):
         self.ioctx = ioctx
@@ -73,9 +76,8 @@ class Index(object):
 
         OSDs cap a listing reply at osd_max_omap_entries_per_request (1024 by
         default) without saying so: only an empty page means the end, and a
-        listing of N entries costs N/1024 + 1 round trips. (Splitting the key
-        space into many listings of one read op was measured 3 times slower with
-        2 000 volumes: each listing runs past its slice.)"""
+        listing of N entries costs N/1024 + 1 round trips. Fine for small maps
+        (the registry); the SR index (SrIndex) never lists."""
         entries = {}
         start = ""
         while True:
@@ -91,62 +93,38 @@ class Index(object):
             entries.update(page)
             start = page[-1][0]
 
-    def read_keys(self, fields, prefix=None):
-        """The given fields, and every entry under prefix if one is given, in one
-        round trip. (No prefix means no listing: librados would take "" for "all".)"""
+    def read_keys(self, keys):
+        """The given keys that exist, in one round trip (reads by key are not capped)."""
         with rados.ReadOpCtx() as op:
-            by_keys, _ = self.ioctx.get_omap_vals_by_keys(op, tuple(fields))
-            by_prefix = ()
-            if prefix:
-                by_prefix, _ = self.ioctx.get_omap_vals(op, "", prefix, _OMAP_PAGE)
+            values, _ = self.ioctx.get_omap_vals_by_keys(op, tuple(keys))
             try:
                 self.ioctx.operate_read_op(op, self.name)
             except rados.ObjectNotFound:
                 return {}
-            entries = {k: (v or b"").decode("utf-8") for k, v in by_keys}
-            entries.update((k, (v or b"").decode("utf-8")) for k, v in by_prefix)
-        return entries
+            return {k: (v or b"").decode("utf-8") for k, v in values}
 
-    def write(self, set_values=None, remove=(), remove_prefixes=(), expect=None):
-        """One atomic update. `expect` maps fields to the value they must still
-        have (raise Conflict otherwise)."""
+    def write(self, set_values=None, remove=(), expect=None, create=False):
+        """One atomic update. `expect` maps keys to the value they must still have,
+        "" for an absent key (raise Conflict otherwise). Without `create`, an
+        object that does not exist is an error (rados.ObjectNotFound) only when
+        something is expected."""
         with rados.WriteOpCtx() as op:
-            for field, value in (expect or {}).items():
-                op.omap_cmp(field, value, rados.LIBRADOS_CMPXATTR_OP_EQ)
+            if create:
+                op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
+            for key, value in (expect or {}).items():
+                op.omap_cmp(key, value, rados.LIBRADOS_CMPXATTR_OP_EQ)
             if set_values:
                 items = sorted(set_values.items())
                 self.ioctx.set_omap(op, tuple(k for k, _ in items),
                                     tuple(v.encode("utf-8") for _, v in items))
             if remove:
                 self.ioctx.remove_omap_keys(op, tuple(remove))
-            for prefix in remove_prefixes:
-                # every key starting with prefix: [prefix, prefix with its last byte + 1)
-                self.ioctx.remove_omap_range2(op, prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
             try:
                 self.ioctx.operate_write_op(op, self.name)
             except rados.OSError as exc:
                 if getattr(exc, "errno", None) == _ECANCELED:
                     raise Conflict(self.name)
                 raise
-
-    def update(self, field, change, deadline=10.0):
-        """Read-modify-write the JSON record `field` with change(record) -> record.
-
-        Returns the new record, or None if the field does not exist."""
-        stop = time.time() + deadline
-        while True:
-            old = self.read_keys([field]).get(field)
-            if old is None:
-                return None
-            record = change(json.loads(old))
-            try:
-                self.write({field: dumps(record)}, expect={field: old})
-                return record
-            except Conflict:
-                if time.time() > stop:
-                    raise protocol.failure(
-                        "Busy", "%s changed constantly for %d s: try again" % (field, deadline))
-                time.sleep(jitter(0.005, 0.05))
 
     def lock(self, name, what=None, wait=20.0, lease=LOCK_LEASE):
         return ClusterLock(self.ioctx, self.name, name, what or name, wait, lease)
@@ -156,6 +134,134 @@ class Index(object):
             self.ioctx.remove_object(self.name)
         except rados.ObjectNotFound:
             pass
+
+
+def bucket_of(field):
+    """The omap key of the bucket holding index field `field`.
+
+    A field is `<kind>.<owner>[.<more>]` (or a bare name): fields are hashed by
+    owner, so that a volume's record, keys and usage share one bucket."""
+    kind, _, rest = field.partition(".")
+    owner = rest.partition(".")[0] if rest else kind
+    return "b.%02x" % (binascii.crc32(owner.encode("utf-8")) % BUCKETS)
+
+
+ALL_BUCKETS = tuple("b.%02x" % n for n in range(BUCKETS))
+
+
+class SrIndex(object):
+    """An SR's index: fields (see the module's docstring) kept in BUCKETS omap
+    values, each a JSON object of the fields that hash to it.
+
+    Reading the whole index is one read by key of at most BUCKETS values: one
+    round trip however many volumes (a listing would be capped at 1024 entries
+    per reply). A change is a read-modify-write of the buckets it touches, guarded
+    by an omap compare on each, and retried when another script changed one of
+    them meanwhile: atomic across buckets, and concurrent changes to different
+    volumes never lose each other's updates."""
+
+    def __init__(self, ioctx, sr_uuid):
+        self.omap = Omap(ioctx, index_object(sr_uuid))
+
+    def _load(self, buckets):
+        """({bucket: raw value}, {field: value}) of the given buckets."""
+        raw = self.omap.read_keys(buckets)
+        entries = {}
+        for value in raw.values():
+            entries.update(json.loads(value))
+        return raw, entries
+
+    @staticmethod
+    def _buckets(fields, prefixes=()):
+        """The buckets holding `fields` and every field under `prefixes`: a prefix
+        that names its owner entirely (`k.<key>.`) lies in one bucket, any other
+        (`v.`) in all of them."""
+        if any(not prefix.partition(".")[2].count(".") for prefix in prefixes):
+            return ALL_BUCKETS
+        return sorted(set(bucket_of(f) for f in fields) |
+                      set(bucket_of(p) for p in prefixes))
+
+    def read(self, prefix=""):
+        """Every field (under prefix) as a dict of str -> str, in one round trip."""
+        _, entries = self._load(self._buckets((), (prefix,)))
+        return {f: v for f, v in entries.items() if f.startswith(prefix)}
+
+    def read_keys(self, fields, prefix=None):
+        """The given fields, and every field under prefix if one is given, in one
+        round trip."""
+        _, entries = self._load(self._buckets(fields, (prefix,) if prefix else ()))
+        wanted = set(fields)
+        return {f: v for f, v in entries.items()
+                if f in wanted or (prefix and f.startswith(prefix))}
+
+    def change(self, fields, change, prefixes=(), deadline=10.0):
+        """Apply change(entries) -> result to the fields of the buckets holding
+        `fields` and `prefixes` (a dict it edits in place), atomically; returns
+        the result. It may run more than once (if another script raced it)."""
+        buckets = self._buckets(fields, prefixes)
+        stop = time.time() + deadline
+        while True:
+            raw, entries = self._load(buckets)
+            result = change(entries)
+            grouped = {bucket: {} for bucket in buckets}
+            for field, value in entries.items():
+                # (a KeyError here: change() set a field in a bucket it did not name)
+                grouped[bucket_of(field)][field] = value
+            new = {b: dumps(v) for b, v in grouped.items() if v}
+            if new == raw:
+                return result
+            try:
+                self.omap.write({b: v for b, v in new.items() if raw.get(b) != v},
+                                remove=[b for b in raw if b not in new],
+                                expect={b: raw.get(b, "") for b in buckets})
+                return result
+            except Conflict:
+                if time.time() > stop:
+                    raise protocol.failure(
+                        "Busy", "the SR index %s changed constantly for %d s: try again"
+                        % (self.omap.name, deadline))
+                time.sleep(jitter(0.002, 0.02))
+            except rados.ObjectNotFound:
+                raise protocol.StorageError(
+                    ["SR_does_not_exist", "the index %s of this SR is gone (was the SR "
+                     "destroyed?)" % self.omap.name])
+
+    def write(self, set_values=None, remove=(), remove_prefixes=()):
+        """Set and remove fields, and every field under remove_prefixes, atomically."""
+        set_values = set_values or {}
+
+        def change(entries):
+            for field in [f for f in entries if f.startswith(tuple(remove_prefixes))]:
+                del entries[field]
+            for field in remove:
+                entries.pop(field, None)
+            entries.update(set_values)
+        self.change(list(set_values) + list(remove), change, remove_prefixes)
+
+    def update(self, field, change):
+        """Read-modify-write the JSON record `field` with change(record) -> record.
+
+        Returns the new record, or None if the field does not exist."""
+        def apply(entries):
+            if field not in entries:
+                return None
+            record = change(json.loads(entries[field]))
+            entries[field] = dumps(record)
+            return record
+        return self.change([field], apply)
+
+    def create(self, set_values):
+        """Make the index of a new SR with its first fields."""
+        grouped = {}
+        for field, value in set_values.items():
+            grouped.setdefault(bucket_of(field), {})[field] = value
+        self.omap.write({b: dumps(v) for b, v in grouped.items()}, create=True)
+
+    def lock(self, name, what=None, wait=20.0, lease=LOCK_LEASE):
+        return self.omap.lock(name, what, wait, lease)
+
+    def remove(self):
+        self.omap.remove()
 
 
 class ClusterLock(object):

@@ -13,7 +13,7 @@ import rbd
 
 from xcp_rbd import cluster, gc, location, log, metadata, protocol, volume
 from xcp_rbd.attached import open_sr
-from xcp_rbd.metadata import Index, dumps
+from xcp_rbd.metadata import Omap, SrIndex, dumps
 
 RUN_DIR = os.environ.get("XCP_RBD_RUN_DIR", "/var/run/nonpersistent/xcp-rbd")
 OWNED_NAMESPACE_PREFIX = "xcp-"
@@ -79,8 +79,8 @@ def create(dbg, uuid, configuration, name, description):
                 created_namespace = True
             record = {"uuid": uuid, "name": name, "description": description,
                       "namespace_owned": owned, "created": metadata.now()}
-            Index(ioctx, metadata.index_object(uuid)).write({metadata.SR_RECORD: dumps(record)})
-            Index(default_ns, metadata.REGISTRY).write(
+            SrIndex(ioctx, uuid).create({metadata.SR_RECORD: dumps(record)})
+            Omap(default_ns, metadata.REGISTRY).write(
                 {uuid: dumps({"namespace": where.namespace})})
         except rados.PermissionError:
             if created_namespace:
@@ -147,7 +147,7 @@ def destroy(dbg, sr):
         gc.destroy_everything(attached)
         default_ns = attached.connection.open_pool(attached.location.pool)
         try:
-            Index(default_ns, metadata.REGISTRY).write(remove=[attached.location.sr_uuid])
+            Omap(default_ns, metadata.REGISTRY).write(remove=[attached.location.sr_uuid])
             attached.index.remove()
             if record.get("namespace_owned"):
                 rbd.RBD().namespace_remove(default_ns, attached.location.namespace)
@@ -223,7 +223,7 @@ def probe(dbg, configuration):
     with cluster.Connection(where.cluster) as connection:
         default_ns = connection.open_pool(where.pool)
         try:
-            registry = Index(default_ns, metadata.REGISTRY).read()
+            registry = Omap(default_ns, metadata.REGISTRY).read()
         finally:
             default_ns.close()
     results = []

@@ -201,17 +201,14 @@ def set_description(dbg, sr, key, new_description):
 
 def _write_keys(sr, key, set_values=None, remove=()):
     """Change keys of an existing volume (atomically checked to exist)."""
+    def change(entries):
+        if volume_field(key) not in entries:
+            raise protocol.VolumeDoesNotExist(key)
+        for field in remove:
+            entries.pop(field, None)
+        entries.update(set_values or {})
     with open_sr(sr) as attached:
-        while True:
-            field = volume_field(key)
-            current = attached.index.read_keys([field]).get(field)
-            if current is None:
-                raise protocol.VolumeDoesNotExist(key)
-            try:
-                attached.index.write(set_values, remove=remove, expect={field: current})
-                return None
-            except metadata.Conflict:
-                continue  # the record changed (e.g. renamed): check again
+        attached.index.change([volume_field(key)], change)
 
 
 def set_key(dbg, sr, key, k, v):

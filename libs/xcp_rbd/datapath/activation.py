@@ -25,11 +25,10 @@ The record lives and dies with the image and librbd ignores it.
 
 import json
 
-import rados
 import rbd
 
 from xcp_rbd import log, protocol
-from xcp_rbd.metadata import Conflict, Index, dumps, now
+from xcp_rbd.metadata import Conflict, Omap, dumps, now
 
 FIELD = "xcp_rbd.activation"
 _ATTEMPTS = 10
@@ -64,7 +63,7 @@ class ActivationLock(object):
     def __enter__(self):
         self.ioctx = self.connection.open_pool(self.where.pool, self.where.namespace)
         with self._image() as image:
-            self.index = Index(self.ioctx, "rbd_header." + image.id())
+            self.index = Omap(self.ioctx, "rbd_header." + image.id())
         return self
 
     def __exit__(self, *exc):
@@ -85,10 +84,7 @@ class ActivationLock(object):
     def holder(self):
         """(raw value, record) of the activation record; ("", None) if there is none."""
         # By key only: the header's other omap values are librbd's, in binary.
-        with rados.ReadOpCtx() as op:
-            values, _ = self.ioctx.get_omap_vals_by_keys(op, (FIELD,))
-            self.ioctx.operate_read_op(op, self.index.name)
-            raw = dict(values).get(FIELD, b"").decode("utf-8")
+        raw = self.index.read_keys([FIELD]).get(FIELD, "")
         return raw, (json.loads(raw) if raw else None)
 
     def _change(self, change):
