@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "tools"), os.path.join(ROOT, "tests")]
 
 from ceph_cluster import LocalCluster  # noqa: E402
-from test_host_boundary import FakeHost  # noqa: E402
+from hosts import FakeHost  # noqa: E402
 
 IMAGE = "bench"
 WORKLOADS = [  # name, fio rw, block size, queue depth, target ratio

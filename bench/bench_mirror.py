@@ -40,7 +40,7 @@ from common import ROOT, environment, print_table, timed
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from test_host_boundary import FakeHost  # noqa: E402
+from hosts import FakeHost  # noqa: E402
 from xcp_rbd.location import VolumeLocation  # noqa: E402
 from xcp_rbd.xapi import parse_size  # noqa: E402
 

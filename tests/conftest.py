@@ -1,5 +1,6 @@
-"""Fixtures: a real one-node Ceph cluster, the plugins installed with CMake, and
-the XAPI-playing tool driving the installed scripts.
+"""Fixtures: a real one-node Ceph cluster, the plugins installed with CMake, the
+XAPI-playing tool driving the installed scripts, and simulated hosts (hosts.py)
+for the datapath.
 
 Run with /usr/bin/python3 (Debian's rados and rbd bindings are built for it).
 """
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, "libs"))
 
 from ceph_cluster import LocalCluster  # noqa: E402
 from install_tree import install as install_tree  # noqa: E402
+from hosts import FakeHost, simulated_host  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -136,3 +138,41 @@ def image_io(cluster, install):
     io = ImageIO(cluster)
     yield io
     io.close()
+
+
+@pytest.fixture
+def fake_host(tmp_path):
+    """The host boundary's stand-ins on PATH, fresh for each test (see hosts.FakeHost):
+    a test that simulates a vanished host leaves its devices connected."""
+    host = FakeHost(str(tmp_path / "fakehost"))
+    saved = {key: os.environ.get(key) for key in host.environ()}
+    os.environ.update(host.environ())
+    os.environ.setdefault("XCP_RBD_HOST_UUID", new_uuid())
+    yield host
+    host.close()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def host_a(xapi, fake_host):
+    """A simulated host; host_b is another one, on the same cluster."""
+    with simulated_host(xapi) as host:
+        yield host
+
+
+@pytest.fixture
+def host_b(xapi, fake_host):
+    with simulated_host(xapi) as host:
+        yield host
+
+
+@pytest.fixture
+def qemu_sr(xapi, device_config):
+    """A fresh SR whose datapath is the qemu backend."""
+    sr_uuid = xapi.sr_create(dict(device_config, datapath="qemu"), name="qemu SR")
+    yield sr_uuid
+    xapi.sr_destroy(sr_uuid)

@@ -7,22 +7,17 @@ Two hosts are two identities (XCP_RBD_HOST_UUID) with two state directories
 (XCP_RBD_RUN_DIR) driving the same cluster.
 """
 
-import contextlib
 import json
 import os
 import random
 import re
-import shutil
 import signal
-import tempfile
 import threading
-import time
 
 import nbd
 import pytest
 
-from conftest import new_uuid
-from test_host_boundary import fake_host  # noqa: F401 (a fixture)
+from hosts import alive, blocklist, kill, nbd_client, until
 
 MiB = 1 << 20
 BLOCK = 64 * 1024
@@ -32,93 +27,6 @@ def pattern(seed, size):
     return random.Random(seed).randbytes(size)
 
 
-class Host(object):
-    """A simulated XCP-ng host: its identity and its state directory."""
-
-    def __init__(self, xapi, run_dir):
-        self.xapi = xapi
-        self.run_dir = run_dir
-        self.uuid = new_uuid()
-
-    @contextlib.contextmanager
-    def current(self):
-        saved = {key: os.environ.get(key) for key in ("XCP_RBD_RUN_DIR", "XCP_RBD_HOST_UUID")}
-        os.environ.update(XCP_RBD_RUN_DIR=self.run_dir, XCP_RBD_HOST_UUID=self.uuid)
-        try:
-            yield
-        finally:
-            os.environ.update(saved)
-
-    def datapath(self, command, uri, domain):
-        with self.current():
-            return self.xapi.datapath(command, uri=uri, domain=domain)
-
-    def plug(self, sr_uuid, key, domain="7"):
-        with self.current():
-            return self.xapi.vbd_plug(sr_uuid, key, domain)
-
-    def unplug(self, sr_uuid, key, domain="7"):
-        with self.current():
-            self.xapi.vbd_unplug(sr_uuid, key, domain)
-
-    def attachments(self):
-        """The per-volume state this host keeps."""
-        root = os.path.join(self.run_dir, "datapath")
-        found = []
-        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            try:
-                with open(os.path.join(root, name, "attachment.json")) as stream:
-                    found.append(json.load(stream))
-            except IOError:
-                continue  # being created or removed
-        return found
-
-    def qemu_pid(self):
-        [attachment] = self.attachments()
-        return attachment["qemu_pid"]
-
-
-@contextlib.contextmanager
-def _host(xapi):
-    # Not under tmp_path: socket paths must stay under 108 bytes.
-    run_dir = tempfile.mkdtemp(prefix="xcp-rbd-host-")
-    host = Host(xapi, run_dir)
-    try:
-        yield host
-    finally:
-        # A failed test must not leave qemu behind (a passing one leaves nothing).
-        for attachment in host.attachments():
-            if attachment.get("qemu_pid"):
-                _kill(attachment["qemu_pid"])
-        shutil.rmtree(run_dir)
-
-
-@pytest.fixture
-def host_a(xapi, fake_host):  # noqa: F811
-    with _host(xapi) as host:
-        yield host
-
-
-@pytest.fixture
-def host_b(xapi, fake_host):  # noqa: F811
-    with _host(xapi) as host:
-        yield host
-
-
-def _kill(pid, sig=signal.SIGKILL):
-    try:
-        os.kill(pid, sig)
-    except OSError:
-        pass
-
-
-@pytest.fixture
-def qemu_sr(xapi, device_config):
-    sr_uuid = xapi.sr_create(dict(device_config, datapath="qemu"), name="qemu SR")
-    yield sr_uuid
-    xapi.sr_destroy(sr_uuid)
-
-
 @pytest.fixture
 def short_watch_timeout(cluster):
     """Ceph drops the watch of a dead client after 10 s instead of 30 (still above
@@ -126,47 +34,6 @@ def short_watch_timeout(cluster):
     cluster.ceph("config", "set", "osd", "osd_client_watch_timeout", "10")
     yield 10
     cluster.ceph("config", "rm", "osd", "osd_client_watch_timeout")
-
-
-def nbd_export(backend):
-    [uri] = [impl[1]["uri"] for impl in backend["implementations"] if impl[0] == "Nbd"]
-    match = re.match(r"nbd:unix:(.+):exportname=(.+)$", uri)
-    return match.group(1), match.group(2)
-
-
-@contextlib.contextmanager
-def nbd_client(backend):
-    socket_path, export = nbd_export(backend)
-    handle = nbd.NBD()
-    handle.set_export_name(export)
-    handle.connect_unix(socket_path)
-    try:
-        yield handle
-    finally:
-        handle.shutdown()
-
-
-def alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as stream:
-            return stream.read().rpartition(")")[2].split()[0] != "Z"
-    except IOError:
-        return False
-
-
-def until(what, check, bound=90):
-    """Poll `check` until it returns something true (bounded only against hangs)."""
-    deadline = time.time() + bound
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.time() < deadline, "still waiting for " + what
-        time.sleep(0.5)
-
-
-def blocklist(cluster):
-    return cluster.ceph("osd", "blocklist", "ls")
 
 
 def refusal(host, command, uri, domain):
@@ -192,7 +59,7 @@ def test_install_has_one_link_per_command(plugin_root, xapi):
 
 
 def test_pattern_survives_shutdown_and_restart(xapi, qemu_sr, host_a,
-                                               fake_host, image_io):  # noqa: F811
+                                               fake_host, image_io):
     """VM start, writes through the export, VM shutdown (deactivate twice, detach),
     VM start again: the pattern reads back, and nothing is left in between."""
     vdi = xapi.vdi_create(qemu_sr, "64M")
@@ -297,7 +164,7 @@ def test_killed_qemu_is_recovered_on_its_host(xapi, qemu_sr, host_a, host_b, clu
         client.pwrite(pattern(6, MiB), 0)
         client.flush()
     [state] = host_a.attachments()
-    _kill(state["qemu_pid"])
+    kill(state["qemu_pid"])
     until("qemu to die", lambda: not alive(state["qemu_pid"]))
     uri = vdi["uri"][0]
     # Host B cannot tell a dead qemu from a live one while Ceph keeps its watch.
@@ -353,7 +220,7 @@ def test_vanished_host_is_fenced_before_another_takes_over(
         with pytest.raises(nbd.Error):
             zombie.pwrite(pattern(9, MiB), 0)
             zombie.flush()
-    _kill(state["qemu_pid"])
+    kill(state["qemu_pid"])
     with nbd_client(backend_b) as client:
         assert client.pread(MiB, 0) == pattern(8, MiB)
     host_b.unplug(qemu_sr, vdi["key"], domain="4")
@@ -396,7 +263,7 @@ def test_osd_restart_during_writes_loses_no_acknowledged_write(xapi, qemu_sr, ho
         assert image_io.read(vdi, offset, BLOCK) == pattern(seed, BLOCK), (offset, seed)
 
 
-def test_keys_stay_in_the_keyring(xapi, qemu_sr, host_a, fake_host, cluster):  # noqa: F811
+def test_keys_stay_in_the_keyring(xapi, qemu_sr, host_a, fake_host, cluster):
     with open(cluster.keyring) as stream:
         key = re.search(r"key\s*=\s*(\S+)", stream.read()).group(1).encode()
     vdi = xapi.vdi_create(qemu_sr, "16M")

@@ -23,8 +23,7 @@ import time
 
 import pytest
 
-from test_datapath import (  # noqa: F401 (fixtures)
-    blocklist, fake_host, host_a, host_b, nbd_client, nbd_export, qemu_sr, until)
+from hosts import blocklist, nbd_client, nbd_export, until
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -226,7 +225,7 @@ def detach_source(xapi, host, uri, operation):
 
 
 def test_mirror_to_a_second_srs_export(xapi, qemu_sr, second_qemu_sr, host_a, host_b,
-                                       image_io):  # noqa: F811
+                                       image_io):
     """The destination is another SR's volume on another host, attached and
     activated as XAPI does on a migration's destination: its Nbd export takes the
     mirror's writes, and in the end holds every byte the guest wrote."""
@@ -251,7 +250,7 @@ def test_mirror_to_a_second_srs_export(xapi, qemu_sr, second_qemu_sr, host_a, ho
     detach_source(xapi, host_a, uri, operation)
 
 
-def test_mirror_to_a_plain_qemu_nbd(xapi, qemu_sr, host_a, image_io):  # noqa: F811
+def test_mirror_to_a_plain_qemu_nbd(xapi, qemu_sr, host_a, image_io):
     source = xapi.vdi_create(qemu_sr, SIZE)
     uri = source["uri"][0]
     backend = host_a.plug(qemu_sr, source["key"], domain=VM)
@@ -284,7 +283,7 @@ def mirror_then_lose_target(xapi, qemu_sr, host_a, after_loss):
 
 
 def test_target_that_disappears_fails_the_mirror_not_the_guest(
-        xapi, qemu_sr, host_a, image_io):  # noqa: F811
+        xapi, qemu_sr, host_a, image_io):
     source, uri, guest, operation = mirror_then_lose_target(
         xapi, qemu_sr, host_a, lambda operation, guest: (
             wait_for(xapi, host_a, operation, "failed"), guest.write_more(50)))
@@ -298,7 +297,7 @@ def test_target_that_disappears_fails_the_mirror_not_the_guest(
 
 
 def test_deactivate_fails_when_a_mirror_in_sync_fails_at_the_end(
-        xapi, qemu_sr, host_a, host_b, image_io):  # noqa: F811
+        xapi, qemu_sr, host_a, host_b, image_io):
     """XAPI was told "complete", then the target died before the downtime: deactivate
     closes the source all the same, but fails once, so that the migration does not
     go on with a target that misses writes."""
@@ -318,7 +317,7 @@ def test_deactivate_fails_when_a_mirror_in_sync_fails_at_the_end(
 
 
 def test_hung_target_cannot_hang_deactivate(xapi, qemu_sr, host_a, cluster,
-                                            image_io):  # noqa: F811
+                                            image_io):
     """The target stops reading mid-copy (the mirror is not in sync): deactivate
     stops the mirror, gives up on the target after END_TIMEOUT, ends qemu (its
     client is fenced) and closes the source; the mirror reports failed."""
@@ -348,7 +347,7 @@ def test_hung_target_cannot_hang_deactivate(xapi, qemu_sr, host_a, cluster,
     assert host_a.attachments() == []
 
 
-def test_refusals(xapi, qemu_sr, sr_uuid, host_a):  # noqa: F811
+def test_refusals(xapi, qemu_sr, sr_uuid, host_a):
     """rbd-nbd cannot mirror; a volume must be active; a clear error for a bad
     remote and for an operation that is not (or no longer) a mirror."""
     rbd_nbd = xapi.vdi_create(sr_uuid, "16M")  # the default backend
