@@ -17,7 +17,7 @@ structured replies, as the kernel client does (a Python loop: a lower bound).
 
 Also prints the times of attach + activate and deactivate (twice) + detach:
 script runs as xapi-storage-script does them, tap-ctl and nbd-client being
-FakeHost's stand-ins (tests/test_host_boundary.py).
+FakeHost's stand-ins (tests/hosts.py).
 
 Run (a one-node cluster of its own, about five minutes):
     .venv/bin/python bench/bench_datapath.py [--runtime 5] [--rounds 3] [--size 1G]

@@ -22,7 +22,7 @@ medians; the first copy of each kind is checked with `qemu-img compare`.
 Throughputs are virtual size / time.
 
 Run (a one-node cluster of its own; tap-ctl and nbd-client are FakeHost's
-stand-ins, tests/test_host_boundary.py):
+stand-ins, tests/hosts.py):
     .venv/bin/python bench/bench_mirror.py [--size 1G] [--thin-size 4G] [--rounds 3]
 """
 
