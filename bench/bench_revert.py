@@ -10,7 +10,8 @@ depth, SR.ls/SR.stat at scale and read latency after many reverts.
   and the disk's clone-chain depth at the end;
 - SR.ls and SR.stat with 2 000 volumes (snapshots included) next to `rbd ls -l`;
 - 4 KiB random read latency straight through librbd (`rbd bench`, one thread;
-  fio's rbd engine cannot open images in a namespace) after 1 and 50 cycles.
+  fio's rbd engine cannot open images in a namespace) after 1 and 50 cycles,
+  next to a control disk that gets the same writes and never a snapshot.
 
 The cluster uses BlueStore on a sparse file (not RAM), as real OSDs do.
 
@@ -86,22 +87,25 @@ def main():
         # 50 cycles of write, snapshot, revert on one disk
         # written all over, so that reads hit real objects after 1 cycle as after 50
         disk = xapi.vdi_create(sr_uuid, 1024 * MiB, name="cycled")
+        control = xapi.vdi_create(sr_uuid, 1024 * MiB, name="control")
         write(disk, 1024 * MiB)
+        write(control, 1024 * MiB)
         latency = {}
 
-        def read_latency_us():
+        def read_latency_us(volume):
             out = cluster.rbd("bench", "--io-type", "read", "--io-size", "4K",
                               "--io-threads", "1", "--io-total", "64M", "--io-pattern", "rand",
-                              spec(image_of(disk)), timeout=600)
+                              spec(image_of(volume)), timeout=600)
             ops = float(re.findall(r"ops/sec:\s*([\d.]+)", out)[-1])
             return 1e6 / ops
 
         for cycle in range(1, args.cycles + 1):
             write(disk, 16 * MiB, "rand")
+            write(control, 16 * MiB, "rand")
             snap = xapi.vdi_snapshot(sr_uuid, disk["key"])
             disk = xapi.snapshot_revert(sr_uuid, snap["key"], disk["key"])
             if cycle in (1, args.cycles):
-                latency[cycle] = read_latency_us()
+                latency[cycle] = read_latency_us(disk), read_latency_us(control)
         with open_sr(sr) as attached:
             gc.collect(attached, wait=300)
             status = gc.status(attached)
@@ -110,9 +114,15 @@ def main():
         rows.append(("bytes copied by the collector over %d cycles" % args.cycles,
                      str(copied), "target", "0", ""))
         rows.append(("clone-chain depth after %d cycles" % args.cycles, str(depth), "", "", ""))
-        rows.append(("4K random read latency, after 1 cycle (us)", "%.0f" % latency[1],
-                     "after %d cycles" % args.cycles, "%.0f" % latency[args.cycles],
-                     "%+.1f %%" % (100.0 * (latency[args.cycles] / latency[1] - 1))))
+        for cycle in (1, args.cycles):
+            reverted, unreverted = latency[cycle]
+            rows.append(("4K random read latency after %d cycle%s (us)"
+                         % (cycle, "" if cycle == 1 else "s"),
+                         "%.0f" % reverted, "control disk", "%.0f" % unreverted,
+                         "%+.1f %%" % (100.0 * (reverted / unreverted - 1))))
+        rows.append(("read latency, after %d cycles / after 1" % args.cycles,
+                     "%.2f" % (latency[args.cycles][0] / latency[1][0]), "control disk",
+                     "%.2f" % (latency[args.cycles][1] / latency[1][1]), "target +10 %"))
 
         # SR.ls and SR.stat with --volumes volumes, snapshots included
         count = fill_sr(xapi, sr, args.volumes, with_snapshots=True)
