@@ -222,13 +222,11 @@ def data_freed(record):
 def _compare(sr, key, key2, start, length):
     """(bits, count): the changed blocks from key to key2 in the window starting at
     byte `start`, as an int whose bit n is the window's block n."""
-    entries = sr.index.read(prefix="v.")
-    records = {}
+    every = _records(sr)
     for k in (key, key2):
-        if volume_field(k) not in entries:
+        if k not in every:
             raise protocol.VolumeDoesNotExist(k)
-        records[k] = json.loads(entries[volume_field(k)])
-    source, target = records[key], records[key2]
+    source, target = every[key], every[key2]
     name = source["image"]
     if target["image"] != name:
         raise protocol.failure(
@@ -240,10 +238,7 @@ def _compare(sr, key, key2, start, length):
     count = max(0, -(-(end - start) // GRANULARITY))
     if key == key2 or count == 0:
         return 0, count
-    for field, value in entries.items():
-        record = json.loads(value)
-        if record["image"] == name:
-            records[field[2:]] = record
+    records = {k: record for k, record in every.items() if record["image"] == name}
     ids = _snap_ids(sr, name)
     target_at = _position(key2, target, ids)
     if _position(key, source, ids) > target_at:
@@ -390,14 +385,15 @@ def _record(sr, key):
     return json.loads(value)
 
 
+def _records(sr):
+    """{key: record} of every volume of the SR."""
+    return {field[len(volume_field("")):]: json.loads(value)
+            for field, value in sr.index.read(prefix=volume_field("")).items()}
+
+
 def _volumes(sr, name):
     """{key: record} of the volumes of image `name`: its snapshots and its disk."""
-    records = {}
-    for field, value in sr.index.read(prefix="v.").items():
-        record = json.loads(value)
-        if record["image"] == name:
-            records[field[2:]] = record
-    return records
+    return {key: record for key, record in _records(sr).items() if record["image"] == name}
 
 
 def _snap_ids(sr, name):
