@@ -136,6 +136,42 @@ def chain_depth(sr, name):
         image.close()
 
 
+def wait_for_flatten(sr, name):
+    """Before a snapshot of image `name` is taken or rolled back (the caller holds the
+    image's lock, under which the collector queues flattens): wait until no
+    background flatten of the image runs or waits in Ceph's manager.
+
+    librbd's flatten does not see a snapshot taken while it runs: that snapshot's
+    object map misses what the flatten copies afterwards, and once the parent is
+    detached those blocks of the snapshot read as zeros (Pacific 16.2.15; see
+    tests/test_collector.py). Cancelling is no way out: the manager drops a
+    cancelled task at once while the flatten goes on, possibly in the librbd of the
+    VM that holds the image's exclusive lock."""
+    field = JOB_PREFIX + name
+    value = sr.index.read_keys([field]).get(field)
+    task = json.loads(value).get("task") if value else None
+    if not task:
+        return
+    bound = 3 * sr.location.cluster.timeout
+    deadline = time.time() + bound
+    while _mgr_task_listed(sr, task):
+        if time.time() > deadline:
+            raise protocol.failure(
+                "Busy", "disk image %s is being flattened in the background (Ceph manager "
+                "task %s) and cannot be snapshotted until that ends: try again in a "
+                "moment" % (name, task))
+        time.sleep(0.1)
+
+
+def _mgr_task_listed(sr, task):
+    """Whether Ceph's manager still lists task `task` (queued or running)."""
+    try:
+        tasks = sr.connection.mgr_command("rbd task list")
+    except protocol.StorageError:
+        return False  # no manager: none of its tasks runs
+    return any(t["id"] == task for t in tasks)
+
+
 def flatten_job(depth):
     """The index entry that asks the collector to flatten an image (see run_jobs)."""
     return metadata.dumps({"action": "flatten", "depth": depth, "queued": metadata.now()})
@@ -317,16 +353,35 @@ class Collector(object):
                                     % (name, job["depth"]))
                 self.add_stat("flattened_bytes", job.get("size", 0))
                 continue
-            if job.get("task") and self.mgr_task_running(job["task"]):
+            if job.get("task") and _mgr_task_listed(self.sr, job["task"]):
                 continue
-            task = self.queue_mgr_flatten(name)
-            if task is None:
-                with self.sr.image(name) as image:
-                    image.flatten(on_progress=self.progress)
-                continue
-            job.update(task=task, size=size)
-            self.sr.index.write({field: metadata.dumps(job)})
+            # Queued under the image's lock, so that a snapshot of the image sees
+            # it (see wait_for_flatten).
+            lock = self.sr.image_lock(name)
+            if not lock.try_acquire():
+                continue  # a command on the image: next time
+            try:
+                task = self.queue_mgr_flatten(name)
+                if task is None:
+                    self.flatten_here(name, lock)
+                    continue
+                job.update(task=task, size=size)
+                self.sr.index.write({field: metadata.dumps(job)})
+            finally:
+                lock.release()
             self.actions.append("queued a flatten of image %s in Ceph's manager" % name)
+
+    def flatten_here(self, name, lock):
+        """Flatten in this process, holding the image's lock throughout."""
+        renewed = [time.time()]
+
+        def progress(done, total):
+            if time.time() - renewed[0] > metadata.LOCK_LEASE / 3:
+                lock.renew()
+                renewed[0] = time.time()
+            return self.progress(done, total)
+        with self.sr.image(name) as image:
+            image.flatten(on_progress=progress)
 
     def spec(self, name):
         return "/".join(p for p in (self.sr.location.pool, self.sr.location.namespace, name)
@@ -339,13 +394,6 @@ class Collector(object):
         except protocol.StorageError as exc:
             log.info("Ceph's manager cannot flatten %s (%s): flattening here", name, exc)
             return None
-
-    def mgr_task_running(self, task):
-        try:
-            tasks = self.sr.connection.mgr_command("rbd task list")
-        except protocol.StorageError:
-            return False
-        return any(t["id"] == task for t in tasks)
 
     def add_stat(self, name, amount):
         def change(stats):

@@ -108,6 +108,7 @@ def snapshot(dbg, sr, key):
                 "Not_supported", "volume %s is a snapshot: snapshot its disk instead" % key)
         new = metadata.new_key()
         with attached.image_lock(record["image"]):
+            gc.wait_for_flatten(attached, record["image"])
             with _open(attached, key, record["image"]) as image:
                 image.create_snap(new)
                 size = image.size()
@@ -134,34 +135,41 @@ def clone(dbg, sr, key):
         cbt.check_readable(key, record)
         new = metadata.new_key()
         with attached.image_lock(record["image"]):
-            if record["snap"] is not None:
-                adopted = gc.adopt(attached, key, record, new)
-                if adopted is not None:
-                    return view(attached, new, adopted, {}, 0)
-                parent_snap = record["snap"]
-            else:
-                # A clone needs a snapshot: a temporary one, removed at once (clone v2
-                # keeps it in the trash namespace for as long as the clone needs it).
-                parent_snap = TMP_SNAP_PREFIX + new
-                with _open(attached, key, record["image"]) as image:
-                    image.create_snap(parent_snap)
-            with attached.image_lock(new, lease=CREATE_LOCK_LEASE):
-                attached.rbd.clone(attached.ioctx, record["image"], parent_snap,
-                                   attached.ioctx, new, features=FEATURES)
-                _tag_image(attached, new)
-                depth = gc.chain_depth(attached, new)
-                clone_record = dict(_new_record(new, record, new, None, record["size"]),
-                                    depth=depth)
-                changes = {volume_field(new): dumps(clone_record)}
-                if depth > attached.location.max_chain_depth:
-                    changes[gc.JOB_PREFIX + new] = gc.flatten_job(depth)
-                attached.index.write(changes)
-            if record["snap"] is None:
-                with attached.image(record["image"]) as image:
-                    image.remove_snap(parent_snap)
-        if depth > attached.location.max_chain_depth:
+            gc.wait_for_flatten(attached, record["image"])
+            adopted = gc.adopt(attached, key, record, new) \
+                if record["snap"] is not None else None
+            clone_record = adopted or _clone_image(attached, key, record, new)
+        if clone_record.get("depth", 0) > attached.location.max_chain_depth:
             gc.start(attached)
         return view(attached, new, clone_record, {}, 0)
+
+
+def _clone_image(attached, key, record, new):
+    """An RBD clone v2 of volume `key` for the new volume `new`; returns its record.
+    The caller holds the lock of the volume's image."""
+    if record["snap"] is not None:
+        parent_snap = record["snap"]
+    else:
+        # A clone needs a snapshot: a temporary one, removed at once (clone v2
+        # keeps it in the trash namespace for as long as the clone needs it).
+        parent_snap = TMP_SNAP_PREFIX + new
+        with _open(attached, key, record["image"]) as image:
+            image.create_snap(parent_snap)
+    with attached.image_lock(new, lease=CREATE_LOCK_LEASE):
+        attached.rbd.clone(attached.ioctx, record["image"], parent_snap,
+                           attached.ioctx, new, features=FEATURES)
+        _tag_image(attached, new)
+        depth = gc.chain_depth(attached, new)
+        clone_record = dict(_new_record(new, record, new, None, record["size"]),
+                            depth=depth)
+        changes = {volume_field(new): dumps(clone_record)}
+        if depth > attached.location.max_chain_depth:
+            changes[gc.JOB_PREFIX + new] = gc.flatten_job(depth)
+        attached.index.write(changes)
+    if record["snap"] is None:
+        with attached.image(record["image"]) as image:
+            image.remove_snap(parent_snap)
+    return clone_record
 
 
 def destroy(dbg, sr, key):
