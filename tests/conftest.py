@@ -2,11 +2,13 @@
 XAPI-playing tool driving the installed scripts, and simulated hosts (hosts.py)
 for the datapath.
 
-Run with /usr/bin/python3 (Debian's rados and rbd bindings are built for it).
+Run with /usr/bin/python3 or a venv made from it (Debian's rados and rbd bindings
+are built for it).
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -26,15 +28,23 @@ from hosts import FakeHost, simulated_host  # noqa: E402
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
+    """The test cluster: started here, or the one XCP_RBD_TEST_CLUSTER names (the
+    old-client run: scripts/old-client starts it outside the root)."""
+    started_elsewhere = os.environ.get("XCP_RBD_TEST_CLUSTER")
+    if started_elsewhere:
+        yield LocalCluster.attach(started_elsewhere)
+        return
     with LocalCluster(str(tmp_path_factory.mktemp("ceph"))) as running:
         yield running
 
 
 @pytest.fixture(scope="session")
 def install(tmp_path_factory):
-    """The project installed with cmake + make install into a fresh prefix."""
+    """The project installed with cmake + make install into a fresh prefix, its
+    scripts run by /usr/bin/python3 as on a dom0: with what the system and our own
+    tree give it, not what the test runner's environment has."""
     prefix = str(tmp_path_factory.mktemp("prefix"))
-    install_tree(prefix)
+    install_tree(prefix, python="/usr/bin/python3")
     return prefix
 
 
@@ -122,9 +132,13 @@ class ImageIO(object):
             ioctx.close()
 
     def read(self, volume, offset, length):
+        return self.read_at(volume, [offset], length)[0]
+
+    def read_at(self, volume, offsets, length):
+        """`length` bytes at each offset, the volume opened once."""
         ioctx, image = self._image(volume)
         try:
-            return image.read(offset, length)
+            return [image.read(offset, length) for offset in offsets]
         finally:
             image.close()
             ioctx.close()
@@ -172,7 +186,10 @@ def host_b(xapi, fake_host):
 
 @pytest.fixture
 def qemu_sr(xapi, device_config):
-    """A fresh SR whose datapath is the qemu backend."""
+    """A fresh SR whose datapath is the qemu backend (skipped where no qemu opens
+    RBD images, as on XCP-ng 8.3 and in the old-client root)."""
+    if not shutil.which("qemu-storage-daemon"):
+        pytest.skip("no qemu-storage-daemon here")
     sr_uuid = xapi.sr_create(dict(device_config, datapath="qemu"), name="qemu SR")
     yield sr_uuid
     xapi.sr_destroy(sr_uuid)

@@ -182,8 +182,8 @@ def test_snapshots_taken_while_a_flatten_runs_keep_their_data(xapi, device_confi
         assert attached.index.read(prefix=gc.JOB_PREFIX) == {}
         assert gc.chain_depth(attached, VolumeLocation.parse(deep["uri"][0]).image) == 0
     for volume in [deep] + snapshots:
-        wrong = [offset for offset in objects
-                 if image_io.read(volume, offset, 9) != b"obj%06d" % (offset // (4 * MiB))]
+        wrong = [offset for offset, data in zip(objects, image_io.read_at(volume, objects, 9))
+                 if data != b"obj%06d" % (offset // (4 * MiB))]
         assert wrong == [], (volume["key"], len(wrong), chain_report(cluster, volume))
     xapi.sr_destroy(sr_uuid)
 

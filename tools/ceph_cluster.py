@@ -55,6 +55,14 @@ MGR_MODULE_DIR = "/usr/share/ceph/mgr"
 MGR_MODULES = ("balancer", "crash", "devicehealth", "orchestrator", "pg_autoscaler",
                "progress", "rbd_support", "status", "telemetry", "volumes")
 STATE_FILE = "cluster.json"
+# Where the cluster's daemons and CLIs are, when this runs in another root (the
+# old-client test root sees this machine's root there: scripts/old-client).
+HOST_ROOT = os.environ.get("XCP_RBD_CEPH_HOST_ROOT")
+
+
+def _on_host(argv):
+    """argv, run in HOST_ROOT if there is one."""
+    return ["chroot", HOST_ROOT] + list(argv) if HOST_ROOT else list(argv)
 
 # Caps of the daemons' own keys, imported into the monitor at mkfs.
 DAEMON_CAPS = {
@@ -160,7 +168,7 @@ class LocalCluster:
     def _run(self, argv, timeout=60):
         log.debug("run %s", " ".join(argv))
         try:
-            res = subprocess.run(argv, capture_output=True, text=True,
+            res = subprocess.run(_on_host(argv), capture_output=True, text=True,
                                  timeout=timeout, umask=0o077)
         except subprocess.TimeoutExpired as e:
             raise ClusterError("timed out after %ss: %s: %s" % (
@@ -318,9 +326,10 @@ keyring = {admin}
         """Fill the mgr module path: the shared files and the always-on modules."""
         path = os.path.join(self.dir, "mgr-modules")
         os.mkdir(path)
-        for entry in os.scandir(MGR_MODULE_DIR):
-            if entry.name in MGR_MODULES or not entry.is_dir():
-                os.symlink(entry.path, os.path.join(path, entry.name))
+        for entry in os.scandir((HOST_ROOT or "") + MGR_MODULE_DIR):
+            if entry.name in MGR_MODULES or not entry.is_dir():  # linked as the mgr sees it
+                os.symlink(os.path.join(MGR_MODULE_DIR, entry.name),
+                           os.path.join(path, entry.name))
 
     def _keyring_of(self, daemon):
         return os.path.join(self.dir, daemon, "keyring")
@@ -347,7 +356,7 @@ keyring = {admin}
         kind, ident = daemon.split(".")
         with open(os.path.join(self.dir, "log", daemon + ".out"), "ab") as out:
             proc = subprocess.Popen(
-                ["ceph-" + kind, "-f", "-c", self.conf, "-i", ident],
+                _on_host(["ceph-" + kind, "-f", "-c", self.conf, "-i", ident]),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 start_new_session=True, umask=0o077)
         self._procs[daemon] = proc

@@ -41,7 +41,7 @@ import zlib
 
 import rbd
 
-from xcp_rbd import gc, protocol
+from xcp_rbd import ceph_client, gc, protocol
 from xcp_rbd.attached import open_sr
 from xcp_rbd.metadata import volume_field
 
@@ -97,7 +97,7 @@ def data_destroy(dbg, sr, key):
             if not record.get(DATA_DESTROYED):
                 try:
                     with attached.image(name, read_only=True) as image:
-                        snap_id = image.snap_get_id(record["snap"])
+                        snap_id = ceph_client.snap_id(image, record["snap"])
                 except rbd.ImageNotFound:
                     raise protocol.VolumeDoesNotExist(key)
                 if attached.index.update(volume_field(key), lambda current: dict(
@@ -346,8 +346,7 @@ def _runs(image, from_snap, start, end, trusted):
         else:
             runs.append([offset, offset + length])
     if trusted > start:
-        image.diff_iterate(start, min(end, trusted) - start, from_snap, add,
-                           whole_object=True)
+        ceph_client.object_diff(image, start, min(end, trusted) - start, from_snap, add)
     if end > trusted:
         runs.append([max(start, trusted), end])
     return runs

@@ -164,6 +164,14 @@ class Connection(object):
         """A manager command (e.g. rbd_support's task queue) returning JSON."""
         return self._command(self.rados.mgr_command, prefix, args)
 
+    def cluster_version(self):
+        """The monitors' Ceph version (e.g. "ceph version 16.2.15 (...) pacific
+        (stable)"), or why it could not be read."""
+        try:
+            return self.mon_command("version")["version"]
+        except (protocol.StorageError, KeyError, TypeError) as exc:
+            return "unknown (%s)" % exc
+
     def _command(self, send, prefix, args):
         import json
         args.update(prefix=prefix, format="json")

@@ -1,9 +1,9 @@
 """The datapath plugin rbd+tapdisk: each command and where it is done.
 
-Installed as one script with a link per command (see CMakeLists.txt).
+Installed as one script with a link per command (see CMakeLists.txt), which
+serves COMMANDS with protocol.main.
 """
 
-from xcp_rbd import protocol
 from xcp_rbd.datapath import commands, mirror
 
 COMMANDS = {
@@ -16,6 +16,3 @@ COMMANDS = {
     "Data.stat": mirror.stat,
 }
 
-
-def main():
-    protocol.main(COMMANDS)

@@ -454,13 +454,12 @@ def start(sr):
 def status(sr):
     """What the SR holds and what waits for the collector (diagnostics, the tool)."""
     entries = sr.index.read()
+    if metadata.SR_RECORD not in entries:
+        raise protocol.StorageError(["SR_does_not_exist", sr.describe()])
     live, snapshots = _references(entries)
     names = [entry["name"] for entry in sr.rbd.list2(sr.ioctx)]
     trash = [entry["name"] for entry in sr.rbd.trash_list(sr.ioctx)]
-    lock = sr.index.lock(GC_LOCK, lease=GC_LEASE)
-    running = not lock.try_acquire()
-    if not running:
-        lock.release()
+    running = sr.index.lock(GC_LOCK, lease=GC_LEASE).is_held()
     try:
         tasks = {t["id"]: t for t in sr.connection.mgr_command("rbd task list")}
     except protocol.StorageError:

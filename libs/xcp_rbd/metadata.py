@@ -14,8 +14,8 @@ The fields are stored in at most BUCKETS omap values (see SrIndex), so that
 Object `xcp_rbd.srs` in the pool's default namespace maps every SR uuid of the
 pool to its namespace, for SR.probe (a plain omap: see Omap).
 
-Every change is one atomic omap write guarded by omap compares, so concurrent
-scripts on any host never lose an update. Operations on one RBD image are
+Every change is one atomic omap write guarded by a compare-and-set on what it
+read (ceph_client.OmapGuard), so concurrent scripts on any host never lose an update. Operations on one RBD image are
 serialised by a cluster-side lock (cls_lock, with a lease so that a killed
 script cannot block it for long).
 """
@@ -23,11 +23,12 @@ script cannot block it for long).
 import binascii
 import json
 import os
+import struct
 import time
 
 import rados
 
-from xcp_rbd import log, protocol
+from xcp_rbd import ceph_client, log, protocol
 
 REGISTRY = "xcp_rbd.srs"
 INDEX_PREFIX = "xcp_rbd.sr."
@@ -36,7 +37,6 @@ META_SR = "xcp_rbd.sr"  # image-meta back-pointer: the SR an image belongs to
 LOCK_LEASE = 60  # seconds a lock outlives a killed holder
 _OMAP_PAGE = 100000
 BUCKETS = 256  # at most this many omap values per SR index, well under a reply's cap
-_ECANCELED = 125
 _LOCK_RENEW = 1  # LIBRADOS_LOCK_FLAG_RENEW, not exported by the Python binding
 
 
@@ -95,36 +95,36 @@ class Omap(object):
 
     def read_keys(self, keys):
         """The given keys that exist, in one round trip (reads by key are not capped)."""
-        with rados.ReadOpCtx() as op:
-            values, _ = self.ioctx.get_omap_vals_by_keys(op, tuple(keys))
-            try:
-                self.ioctx.operate_read_op(op, self.name)
-            except rados.ObjectNotFound:
-                return {}
-            return {k: (v or b"").decode("utf-8") for k, v in values}
+        return self.read_for_update(keys)[0]
 
-    def write(self, set_values=None, remove=(), expect=None, create=False):
-        """One atomic update. `expect` maps keys to the value they must still have,
-        "" for an absent key (raise Conflict otherwise). Without `create`, an
-        object that does not exist is an error (rados.ObjectNotFound) only when
-        something is expected."""
+    def read_for_update(self, keys):
+        """(the given keys that exist, the guard under which a write may change
+        them: see write), in one round trip."""
+        keys = tuple(keys)
+        with rados.ReadOpCtx() as op:
+            values, _ = self.ioctx.get_omap_vals_by_keys(op, keys)
+            return ceph_client.read_guarded(
+                self.ioctx, self.name, op, keys,
+                lambda: {k: (v or b"").decode("utf-8") for k, v in values})
+
+    def write(self, set_values=None, remove=(), guard=None, create=False):
+        """One atomic update. With `guard` (from read_for_update), only if the keys
+        read are unchanged (raise Conflict otherwise; rados.ObjectNotFound if the
+        object is gone). Without `create`, an object that does not exist is made
+        by an unguarded write."""
         with rados.WriteOpCtx() as op:
             if create:
                 op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
-            for key, value in (expect or {}).items():
-                op.omap_cmp(key, value, rados.LIBRADOS_CMPXATTR_OP_EQ)
+            if guard is not None:
+                guard.apply(op)
             if set_values:
                 items = sorted(set_values.items())
                 self.ioctx.set_omap(op, tuple(k for k, _ in items),
                                     tuple(v.encode("utf-8") for _, v in items))
             if remove:
                 self.ioctx.remove_omap_keys(op, tuple(remove))
-            try:
-                self.ioctx.operate_write_op(op, self.name)
-            except rados.OSError as exc:
-                if getattr(exc, "errno", None) == _ECANCELED:
-                    raise Conflict(self.name)
-                raise
+            if not ceph_client.operate_guarded(self.ioctx, self.name, op):
+                raise Conflict(self.name)
 
     def lock(self, name, what=None, wait=20.0, lease=LOCK_LEASE):
         return ClusterLock(self.ioctx, self.name, name, what or name, wait, lease)
@@ -164,12 +164,12 @@ class SrIndex(object):
         self.omap = Omap(ioctx, index_object(sr_uuid))
 
     def _load(self, buckets):
-        """({bucket: raw value}, {field: value}) of the given buckets."""
-        raw = self.omap.read_keys(buckets)
+        """({bucket: raw value}, {field: value}, guard) of the given buckets."""
+        raw, guard = self.omap.read_for_update(buckets)
         entries = {}
         for value in raw.values():
             entries.update(json.loads(value))
-        return raw, entries
+        return raw, entries, guard
 
     @staticmethod
     def _buckets(fields, prefixes=()):
@@ -183,13 +183,13 @@ class SrIndex(object):
 
     def read(self, prefix=""):
         """Every field (under prefix) as a dict of str -> str, in one round trip."""
-        _, entries = self._load(self._buckets((), (prefix,)))
+        entries = self._load(self._buckets((), (prefix,)))[1]
         return {f: v for f, v in entries.items() if f.startswith(prefix)}
 
     def read_keys(self, fields, prefix=None):
         """The given fields, and every field under prefix if one is given, in one
         round trip."""
-        _, entries = self._load(self._buckets(fields, (prefix,) if prefix else ()))
+        entries = self._load(self._buckets(fields, (prefix,) if prefix else ()))[1]
         wanted = set(fields)
         return {f: v for f, v in entries.items()
                 if f in wanted or (prefix and f.startswith(prefix))}
@@ -201,7 +201,7 @@ class SrIndex(object):
         buckets = self._buckets(fields, prefixes)
         stop = time.time() + deadline
         while True:
-            raw, entries = self._load(buckets)
+            raw, entries, guard = self._load(buckets)
             result = change(entries)
             grouped = {bucket: {} for bucket in buckets}
             for field, value in entries.items():
@@ -213,7 +213,7 @@ class SrIndex(object):
             try:
                 self.omap.write({b: v for b, v in new.items() if raw.get(b) != v},
                                 remove=[b for b in raw if b not in new],
-                                expect={b: raw.get(b, "") for b in buckets})
+                                guard=guard)
                 return result
             except Conflict:
                 if time.time() > stop:
@@ -280,15 +280,17 @@ class ClusterLock(object):
 
     def try_acquire(self):
         try:
-            self.ioctx.lock_exclusive(self.obj, self.name, self.cookie,
-                                      desc=self.cookie, duration=self.lease)
+            with ceph_client.serialised():
+                self.ioctx.lock_exclusive(self.obj, self.name, self.cookie,
+                                          desc=self.cookie, duration=self.lease)
             return True
         except (rados.ObjectBusy, rados.ObjectExists):
             return False
 
     def renew(self):
-        self.ioctx.lock_exclusive(self.obj, self.name, self.cookie, desc=self.cookie,
-                                  duration=self.lease, flags=_LOCK_RENEW)
+        with ceph_client.serialised():
+            self.ioctx.lock_exclusive(self.obj, self.name, self.cookie, desc=self.cookie,
+                                      duration=self.lease, flags=_LOCK_RENEW)
 
     def __enter__(self):
         stop = time.time() + self.wait
@@ -302,9 +304,26 @@ class ClusterLock(object):
             delay = min(delay * 2, 0.2)
         return self
 
+    def is_held(self):
+        """Whether anyone holds the lock now, read without writing: the lock's
+        xattr (cls_lock's lock_info_t) lists its lockers, each with an expiry."""
+        try:
+            info = self.ioctx.get_xattr(self.obj, "lock." + self.name)
+        except (rados.ObjectNotFound, rados.NoData):
+            return False
+        # lock_info_t: header (6 bytes), u32 locker count, then the first locker's
+        # locker_id_t (header, entity_name_t of 9 bytes, u32-sized cookie) and
+        # locker_info_t (header, utime_t expiry: u32 seconds, u32 nanoseconds).
+        if len(info) < 10 or struct.unpack_from("<I", info, 6)[0] == 0:
+            return False
+        cookie_length = struct.unpack_from("<I", info, 10 + 6 + 9)[0]
+        expiry = struct.unpack_from("<I", info, 10 + 6 + 9 + 4 + cookie_length + 6)[0]
+        return expiry == 0 or expiry > time.time()
+
     def release(self):
         try:
-            self.ioctx.unlock(self.obj, self.name, self.cookie)
+            with ceph_client.serialised():
+                self.ioctx.unlock(self.obj, self.name, self.cookie)
         except (rados.ObjectNotFound, rados.Error) as exc:
             log.warning("releasing lock %s on %s: %s", self.name, self.obj, exc)
 

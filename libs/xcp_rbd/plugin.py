@@ -1,8 +1,9 @@
 """Plugin.* commands of the volume plugin: what it is, and how its SRs are doing."""
 
 import json
+import os
 
-from xcp_rbd import cluster, gc, location, sr
+from xcp_rbd import ceph_client, cluster, gc, location, sr
 from xcp_rbd.attached import open_sr
 
 VERSION = "1.0.0"
@@ -32,18 +33,38 @@ def query(dbg):
     }
 
 
+# SMAPIv1 drivers live here as <Type>SR / <Type>SR.py: an RBDSR claims type `rbd` too.
+SMAPIV1_DRIVERS = os.environ.get("XCP_RBD_SMAPIV1_DIR", "/opt/xensource/sm")
+
+
 def diagnostics(dbg):
-    """The SRs attached on this host: where they are, what they hold, what waits."""
+    """Why it does (not) work here: this host's Ceph client and Python, any SMAPIv1
+    driver that claims the SR type too, and the SRs attached on this host (their
+    cluster's version, what they hold, what waits). Reads only: it writes nothing
+    to any cluster."""
     reports = []
     for attached_sr in sr.attached_srs():
         where = location.SrLocation.parse(attached_sr)
         try:
             with open_sr(attached_sr) as attached:
                 report = gc.status(attached)
+                report["cluster_version"] = attached.connection.cluster_version()
         except Exception as exc:  # one broken SR must not hide the others
             report = {"error": str(exc)}
         report.update(sr_uuid=where.sr_uuid, pool=where.pool, namespace=where.namespace,
                       cluster=where.cluster.describe(), datapath=where.datapath)
         reports.append(report)
-    return json.dumps({"plugin": "rbd", "version": VERSION, "srs": reports},
+    return json.dumps({"plugin": "rbd", "version": VERSION, "client": ceph_client.report(),
+                       "sr_type_clash": sr_type_clash(), "srs": reports},
                       indent=2, sort_keys=True)
+
+
+def sr_type_clash():
+    """SMAPIv1 drivers installed on this host that also claim SR type `rbd` (see the
+    README: one of the two must go), as paths."""
+    try:
+        names = os.listdir(SMAPIV1_DRIVERS)
+    except OSError:
+        return []
+    return sorted(os.path.join(SMAPIV1_DRIVERS, name) for name in names
+                  if name.lower() in ("rbdsr", "rbdsr.py"))

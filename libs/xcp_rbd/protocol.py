@@ -8,6 +8,7 @@ Everything a plugin script does goes through `serve`, so nothing but that JSON
 ever reaches stdout, whatever fails, and no call runs longer than its bound.
 """
 
+import importlib
 import json
 import os
 import sys
@@ -55,12 +56,32 @@ class Unimplemented(StorageError):
         super(Unimplemented, self).__init__(["Unimplemented", name])
 
 
+# What to install for a module the plugins import, on XCP-ng 8.3 (EL7).
+_PACKAGES = {
+    "rados": "the Ceph client's Python 3 bindings: python3-rados (Octopus 15.2, "
+             "download.ceph.com el7) or python36-rados (Nautilus 14.2, CentOS Storage SIG)",
+    "rbd": "the Ceph client's Python 3 bindings: python3-rbd (Octopus 15.2, "
+           "download.ceph.com el7) or python36-rbd (Nautilus 14.2, CentOS Storage SIG)",
+    "qemu": "the Python package qemu.qmp, which the xcp-rbd RPM ships in "
+            "/usr/lib/xcp-rbd/python (reinstall the RPM)",
+}
+
+
+def missing_dependency(exc):
+    """The administrator's words for an ImportError: what is missing, what to install."""
+    module = (getattr(exc, "name", None) or str(exc)).partition(".")[0]
+    return "Python module '%s' is not installed for %s: install %s" % (
+        module, sys.executable, _PACKAGES.get(module, "the package that provides it"))
+
+
 def error_document(exc, tb=None):
     """The failure JSON for an exception (what xapi.handle_exception prints)."""
     if isinstance(exc, StorageError):
         code, params = exc.code, exc.params
     elif isinstance(exc, idl.IdlError):
         code, params = _BACKEND_FAILURE, ["Invalid_parameters", str(exc)]
+    elif isinstance(exc, ImportError):
+        code, params = _BACKEND_FAILURE, ["Missing_dependency", missing_dependency(exc)]
     else:
         code, params = _BACKEND_FAILURE, [type(exc).__name__, str(exc)]
     import traceback  # only failures pay for it
@@ -142,17 +163,20 @@ def read_arguments(stream):
                       "stdin is not one JSON object of parameters (%s)" % exc)
 
 
-def serve(commands, argv=None, stdin=None):
+def serve(table, argv=None, stdin=None):
     """Run the command named by argv[0]'s basename; return the exit status.
 
-    `commands` maps "Interface.method" (any case) to a function taking the
-    IDL parameters (dbg included) as keyword arguments.
+    `table` names the module whose COMMANDS map "Interface.method" (any case) to
+    a function taking the IDL parameters (dbg included) as keyword arguments. It
+    is imported here, so that a missing dependency (no Ceph bindings) is answered
+    in the protocol's shape too.
     """
     argv = sys.argv if argv is None else argv
     stdin = sys.stdin if stdin is None else stdin
     name = os.path.basename(argv[0])
-    handlers = {command.lower(): function for command, function in commands.items()}
     try:
+        commands = importlib.import_module(table).COMMANDS
+        handlers = {command.lower(): function for command, function in commands.items()}
         method = idl.METHODS.get(name.lower())
         handler = handlers.get(name.lower())
         if method is None or handler is None:
@@ -173,10 +197,10 @@ def serve(commands, argv=None, stdin=None):
         return _output.emit(error_document(exc, sys.exc_info()[2]), 1)
 
 
-def main(commands):
-    """Entry point of a plugin script."""
+def main(table):
+    """Entry point of a plugin script (see serve)."""
     log.setup()
     enable_watchdog()
-    status = serve(commands)
+    status = serve(table)
     log.flush()
     sys.exit(status)

@@ -1,9 +1,10 @@
 """The volume plugin org.xen.xapi.storage.rbd: each command and where it is done.
 
-Installed as one script with a link per command (see CMakeLists.txt).
+Installed as one script with a link per command (see CMakeLists.txt), which
+serves COMMANDS with protocol.main.
 """
 
-from xcp_rbd import cbt, plugin, protocol, sr, volume
+from xcp_rbd import cbt, plugin, sr, volume
 
 COMMANDS = {
     "Plugin.Query": plugin.query,
@@ -33,6 +34,3 @@ COMMANDS = {
     "Volume.data_destroy": cbt.data_destroy,
 }
 
-
-def main():
-    protocol.main(COMMANDS)

@@ -24,20 +24,15 @@ The record lives and dies with the image and librbd ignores it.
 """
 
 import json
+import time
 
 import rbd
 
-from xcp_rbd import log, protocol
-from xcp_rbd.metadata import Conflict, Omap, dumps, now
+from xcp_rbd import ceph_client, log, protocol
+from xcp_rbd.metadata import Conflict, Omap, dumps, jitter, now
 
 FIELD = "xcp_rbd.activation"
 _ATTEMPTS = 10
-
-
-def _blocklist(connection, address):
-    # Renamed from blacklist_add in Pacific; EL7 dom0s may have older bindings.
-    add = getattr(connection.rados, "blocklist_add", None) or connection.rados.blacklist_add
-    add(address)
 
 
 class ActivatedOnAnotherHost(protocol.StorageError):
@@ -82,27 +77,28 @@ class ActivationLock(object):
             return set(watcher["addr"] for watcher in image.watchers_list())
 
     def holder(self):
-        """(raw value, record) of the activation record; ("", None) if there is none."""
+        """(record or None, the guard for changing it) of the activation record."""
         # By key only: the header's other omap values are librbd's, in binary.
-        raw = self.index.read_keys([FIELD]).get(FIELD, "")
-        return raw, (json.loads(raw) if raw else None)
+        values, guard = self.index.read_for_update([FIELD])
+        raw = values.get(FIELD)
+        return (json.loads(raw) if raw else None), guard
 
     def _change(self, change):
-        """Apply change(raw, record) -> new record, None to remove, or False to
-        leave alone, until no other host changed the record in between."""
+        """Apply change(record) -> new record, None to remove, or False to leave
+        alone, until no other host changed the record in between."""
         for _ in range(_ATTEMPTS):
-            raw, record = self.holder()
-            new = change(raw, record)
+            record, guard = self.holder()
+            new = change(record)
             if new is False:
                 return record
             try:
                 if new is None:
-                    self.index.write(remove=[FIELD], expect={FIELD: raw})
+                    self.index.write(remove=[FIELD], guard=guard)
                 else:
-                    self.index.write({FIELD: dumps(new)}, expect={FIELD: raw})
+                    self.index.write({FIELD: dumps(new)}, guard=guard)
                 return new
             except Conflict:
-                continue
+                time.sleep(jitter(0.002, 0.02))
         raise protocol.failure("Busy", "the activation of %s changed constantly: try again"
                                % self.where.spec)
 
@@ -110,7 +106,7 @@ class ActivationLock(object):
         """Make this host the holder, fencing a dead holder first; raise
         ActivatedOnAnotherHost while the holder (even this host, in an
         earlier life) still has a client watching the image."""
-        def claim(raw, holder):
+        def claim(holder):
             if holder is not None:
                 self._take_over(holder)
             return dict(me, since=now(), clients=[])
@@ -125,7 +121,7 @@ class ActivationLock(object):
         if alive:
             raise ActivatedOnAnotherHost(self.where, holder, alive)
         for address in clients:
-            _blocklist(self.connection, address)
+            ceph_client.blocklist(self.connection.rados, address)
         log.warning("%s: taking over from host %s (%s), whose clients %s no longer watch "
                     "the image and are now blocklisted", self.where.spec, holder["host"],
                     holder.get("hostname", "?"), ", ".join(clients) or "(none)")
@@ -135,7 +131,7 @@ class ActivationLock(object):
         process that activate just started); returns them."""
         clients = sorted(self.watchers() - before)
 
-        def update(raw, holder):
+        def update(holder):
             if holder is None or holder["host"] != me["host"]:
                 raise protocol.failure(
                     "Activation_lost", "the activation of %s was taken over while it "
@@ -149,9 +145,9 @@ class ActivationLock(object):
         process that died or was killed, which must never write again). A record
         of another host (which took over from us) is left alone."""
         for address in fence:
-            _blocklist(self.connection, address)
+            ceph_client.blocklist(self.connection.rados, address)
 
-        def drop(raw, holder):
+        def drop(holder):
             if holder is None or holder["host"] != me["host"]:
                 return False
             return None
