@@ -55,10 +55,11 @@ def collect(sr, full=False):
         return gc.collect(attached, wait=120, full=full)
 
 
-def test_fifty_reverts_keep_data_and_chain(xapi, sr_uuid, sr, image_io):
+def test_ten_reverts_keep_data_and_chain(xapi, sr_uuid, sr, image_io):
+    """(bench/bench_revert.py runs 50 cycles.)"""
     disk = xapi.vdi_create(sr_uuid, 64 * MiB, name="vm disk")
     snapshots = []
-    for cycle in range(50):
+    for cycle in range(10):
         payload = ("cycle %d " % cycle).encode() * 100
         offset = random.Random(cycle).randrange(0, 60) * MiB
         image_io.write(disk, offset, payload)
@@ -67,7 +68,7 @@ def test_fifty_reverts_keep_data_and_chain(xapi, sr_uuid, sr, image_io):
         image_io.write(disk, offset, b"x" * len(payload))  # changed after the snapshot
         disk = xapi.snapshot_revert(sr_uuid, snap["key"], disk["key"])
         assert image_io.read(disk, offset, len(payload)) == payload
-        if cycle % 10 == 9:   # some snapshots get deleted along the way
+        if cycle % 3 == 2:   # some snapshots get deleted along the way
             old, _, _ = snapshots.pop(0)
             xapi.vdi_destroy(sr_uuid, old["key"])
     with open_sr(sr) as attached:
@@ -173,7 +174,7 @@ def test_snapshots_taken_while_a_flatten_runs_keep_their_data(xapi, device_confi
         image_io.write(disk, offset, b"obj%06d" % (offset // (4 * MiB)))
     deep = xapi.vdi_clone(sr_uuid, xapi.vdi_clone(sr_uuid, disk["key"])["key"])
     # chain depth 2 > 1: the flatten of `deep` is queued in Ceph's manager now
-    snapshots = [xapi.vdi_snapshot(sr_uuid, deep["key"]) for _ in range(6)]
+    snapshots = [xapi.vdi_snapshot(sr_uuid, deep["key"], xapi_keys=False) for _ in range(6)]
     deadline = time.time() + 120
     with open_sr(sr) as attached:
         while attached.index.read(prefix=gc.JOB_PREFIX) and time.time() < deadline:

@@ -46,7 +46,6 @@ _ioctx_operations = threading.RLock()
 _OPTIONAL = (
     ("rados.WriteOp.omap_cmp", rados.WriteOp, "omap_cmp",
      "omap compare-and-set by value (index updates compare the object's version instead)"),
-    ("rados.WriteOp.execute", rados.WriteOp, "execute", "object class calls in a write op"),
     ("rados.Rados.blocklist_add", rados.Rados, "blocklist_add",
      "blocklist_add (blacklist_add is used)"),
     ("rbd.Image.snap_get_id", rbd.Image, "snap_get_id",
@@ -99,9 +98,7 @@ def operate_guarded(ioctx, name, op):
     with _ioctx_operations:
         try:
             ioctx.operate_write_op(op, name)
-        except rados.ObjectNotFound:
-            raise
-        except rados.Error as exc:
+        except rados.Error as exc:  # ObjectNotFound (ENOENT) goes on to the caller
             if getattr(exc, "errno", None) in _CONFLICT_ERRNOS:
                 return False
             raise
