@@ -6,6 +6,7 @@ depth, SR.ls/SR.stat at scale and read latency after many reverts.
   Volume.destroy of the live disk, Volume.clone of the snapshot), on a disk with
   64 MiB written and on one with 4 GiB written, next to the flatten-based revert
   older drivers do (rbd clone of the snapshot, then rbd flatten) on the same data;
+- native revert (Volume.revert, xapi 26.16 and later) next to the adoption revert;
 - bytes the collector copied (flattens) over 50 write/snapshot/revert cycles,
   and the disk's clone-chain depth at the end;
 - SR.ls and SR.stat with 2 000 volumes (snapshots included) next to `rbd ls -l`;
@@ -78,6 +79,13 @@ def main():
             rows.append(("revert, %s written" % label, "%.0f" % (seconds * 1000),
                          "clone + rbd flatten", "%.0f" % (flatten * 1000),
                          "%.1fx faster" % (flatten / seconds)))
+            # xapi 26.16+: Volume.revert in place, same snapshot, same amount changed
+            write(new, 64 * MiB, "rand")
+            _, native = timed(xapi.snapshot_revert, sr_uuid, snap["key"], new["key"],
+                              native=True)
+            rows.append(("native revert (Volume.revert), %s written" % label,
+                         "%.0f" % (native * 1000), "revert by adoption",
+                         "%.0f" % (seconds * 1000), "%.2fx" % (native / seconds)))
             cluster.rbd("rm", "--no-progress", flat, timeout=600)
             xapi.vdi_destroy(sr_uuid, new["key"])
             xapi.vdi_destroy(sr_uuid, snap["key"])

@@ -287,11 +287,15 @@ def test_diagnostics_and_tool_show_jobs_and_hidden(xapi, sr_uuid, sr):
 
 
 def test_physical_utilisation_is_allocated_bytes(xapi, sr_uuid, sr, image_io):
+    """Measured by the collector (Volume.stat answers from the index alone)."""
     disk = xapi.vdi_create(sr_uuid, 64 * MiB)
     assert xapi.volume("Volume.stat", sr=sr, key=disk["key"])["physical_utilisation"] == 0
     image_io.write(disk, 0, b"z" * (8 * MiB))
+    collect(sr)
     used = xapi.volume("Volume.stat", sr=sr, key=disk["key"])["physical_utilisation"]
     assert 8 * MiB <= used <= 12 * MiB   # object granularity (4 MiB objects)
+    listed, = [v for v in xapi.sr_scan(sr_uuid) if v["key"] == disk["key"]]
+    assert listed["physical_utilisation"] == used
 
 
 def test_clone_of_watched_zombie_falls_back_to_v2_clone(xapi, sr_uuid, sr, image_io):

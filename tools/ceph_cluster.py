@@ -460,6 +460,15 @@ keyring = {admin}
         self._spawn(MON)
         self._wait_ready(time.monotonic() + self.timeout)
 
+    def stop_mgr(self):
+        """Stop the manager: pool statistics go stale and `rbd task` is unanswered."""
+        self._kill([MGR])
+
+    def start_mgr(self):
+        """Start the manager again and wait until the cluster is ready."""
+        self._spawn(MGR)
+        self._wait_ready(time.monotonic() + self.timeout)
+
     # ----------------------------------------------------------------- pools
 
     def add_pool(self, name):

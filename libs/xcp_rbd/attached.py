@@ -31,6 +31,14 @@ class Sr(object):
             raise protocol.StorageError(["SR_does_not_exist", self.describe()])
         return json.loads(value)
 
+    def volume_record(self, key):
+        """The index record of volume `key` (VolumeDoesNotExist if there is none)."""
+        value = self.index.read_keys([metadata.volume_field(key)]).get(
+            metadata.volume_field(key))
+        if value is None:
+            raise protocol.VolumeDoesNotExist(key)
+        return json.loads(value)
+
     def describe(self):
         return "SR %s in %s" % (self.location.sr_uuid, self.location.describe())
 

@@ -70,7 +70,7 @@ def disable_cbt(dbg, sr, key):
 
 def _set_cbt(sr, key, enabled):
     with open_sr(sr) as attached:
-        record = _record(attached, key)
+        record = attached.volume_record(key)
         if record["snap"] is not None:
             raise protocol.failure(
                 "Not_supported", "volume %s is a snapshot: CBT is enabled on its disk, "
@@ -87,7 +87,7 @@ def _set_cbt(sr, key, enabled):
 
 def data_destroy(dbg, sr, key):
     with open_sr(sr) as attached:
-        record = _record(attached, key)
+        record = attached.volume_record(key)
         if record["snap"] is None:
             raise protocol.failure(
                 "Not_supported", "volume %s is a disk: only a snapshot's data can be "
@@ -375,13 +375,6 @@ def _load(changed):
         return 0
     data = zlib.decompress(base64.b64decode(changed["bitmap"]))
     return int.from_bytes(data.translate(_REVERSED), "little")
-
-
-def _record(sr, key):
-    value = sr.index.read_keys([volume_field(key)]).get(volume_field(key))
-    if value is None:
-        raise protocol.VolumeDoesNotExist(key)
-    return json.loads(value)
 
 
 def _records(sr):

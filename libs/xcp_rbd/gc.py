@@ -11,7 +11,7 @@ SR index and the cluster, never from a list of pending work that could be lost:
 - index entries of volumes that no longer exist are dropped.
 An image whose disk was destroyed but whose snapshots live on (a "zombie",
 as after XAPI's revert) stays until its last snapshot goes, and may be adopted
-by the next clone of one of its snapshots (see `adopt`).
+by the next clone of one of its snapshots (see revert.adopt).
 
 Every image is handled under its cluster lock, as the Volume commands do, and
 only one collector runs per SR (cluster lock "gc"), from any host. A collector
@@ -36,7 +36,6 @@ JOB_PREFIX = "j."   # j.<image>: a background job on that image (see run_jobs)
 STATS = "gc.stats"  # what the collector did over the SR's life
 LAST_FULL = "gc.last_full"  # when a collector last swept every image (see Collector)
 FULL_SWEEP_EVERY = 3600
-ROLLBACK_OPS = 64
 
 
 def _user_snapshots(image):
@@ -45,7 +44,7 @@ def _user_snapshots(image):
             == rbd.RBD_SNAP_NAMESPACE_TYPE_USER]
 
 
-def _references(entries):
+def references(entries):
     """(images of writable volumes, {image: set of referenced snapshots})."""
     live = set()
     snapshots = {}
@@ -84,54 +83,24 @@ def release_snapshot(sr, name, snap):
         pass
 
 
-def adopt(sr, key, record, new):
-    """Clone of snapshot `key` of a zombie image: the image itself becomes the clone.
-
-    The destroyed disk's image is rolled back to the snapshot and re-keyed to
-    the new volume; the other snapshots of the image now belong to it. No
-    chain grows, snapshot history is kept, and the cost is one rollback.
-    Returns the new record, or None where adopting is not safe. The caller
-    holds the image's lock."""
-    live, snapshots = _references(sr.index.read(prefix="v."))
-    name = record["image"]
-    if name in live:
-        return None
-    with sr.image(name, read_only=True) as image:  # a read-only open adds no watcher
-        if list(image.watchers_list()):
-            return None  # still open somewhere (a stale VM): never roll it back
-    # A rollback is one RADOS op per object present (OSD-side, no data crosses the
-    # network); let librbd keep more of them in flight than its default of 10:
-    # this runs inside XAPI's revert, and each op is small.
-    sr.connection.rados.conf_set("rbd_concurrent_management_ops", str(ROLLBACK_OPS))
-    with sr.image(name) as image:
-        image.rollback_to_snap(record["snap"])
-        size = image.size()
-    adopted = {"uuid": new, "name": record["name"], "description": record["description"],
-               "image": name, "snap": None, "sharable": record["sharable"], "size": size,
-               "created": metadata.now(), "cbt": record.get("cbt", False)}
-    # XAPI re-points the siblings' snapshot_of to the new disk in its own DB only:
-    # do it here too, or the next scan would drop the lineage.
-    lineage = {metadata.key_prefix(snap) + "snapshot_of": new
-               for snap in snapshots.get(name, ())}
-    lineage[volume_field(new)] = metadata.dumps(adopted)
-    sr.index.write(lineage)
-    log.info("adopted image %s (snapshot %s) as volume %s", name, key, new)
-    return adopted
-
-
 def chain_depth(sr, name):
-    """How many ancestors image `name` has, trashed ones included (opened by id)."""
+    """How many ancestors image `name` has, trashed ones included (opened by id); a
+    chain that ends while it is walked (a flatten finishing, the image destroyed)
+    ends there."""
     depth = 0
-    image = sr.image(name, read_only=True)
+    try:
+        image = sr.image(name, read_only=True)
+    except rbd.ImageNotFound:
+        return depth
     try:
         while True:
             try:
                 parent = image.parent_id()
+                image.close()
+                image = rbd.Image(sr.ioctx, image_id=parent, read_only=True)
             except rbd.ImageNotFound:
                 return depth
-            image.close()
             depth += 1
-            image = rbd.Image(sr.ioctx, image_id=parent, read_only=True)
     finally:
         image.close()
 
@@ -146,30 +115,39 @@ def wait_for_flatten(sr, name):
     detached those blocks of the snapshot read as zeros (Pacific 16.2.15; see
     tests/test_collector.py). Cancelling is no way out: the manager drops a
     cancelled task at once while the flatten goes on, possibly in the librbd of the
-    VM that holds the image's exclusive lock."""
+    VM that holds the image's exclusive lock.
+
+    A manager that does not answer (restarting, failing over, busy) says nothing
+    about its tasks: the snapshot waits as for a listed task, and fails with Busy
+    if it still cannot know at the bound. Only an image that has no parent any more
+    is known to be flattened without asking."""
     field = JOB_PREFIX + name
     value = sr.index.read_keys([field]).get(field)
     task = json.loads(value).get("task") if value else None
     if not task:
         return
-    bound = 3 * sr.location.cluster.timeout
-    deadline = time.time() + bound
-    while _mgr_task_listed(sr, task):
+    deadline = time.time() + 3 * sr.location.cluster.timeout
+    while chain_depth(sr, name):
+        listed, unknown = _mgr_task_listed(sr, task, wait=deadline - time.time())
+        if not listed and not unknown:
+            return
         if time.time() > deadline:
             raise protocol.failure(
                 "Busy", "disk image %s is being flattened in the background (Ceph manager "
-                "task %s) and cannot be snapshotted until that ends: try again in a "
-                "moment" % (name, task))
+                "task %s) and cannot be snapshotted until that ends%s: try again in a "
+                "moment" % (name, task, " (the manager does not say whether it runs: %s)"
+                            % unknown if unknown else ""))
         time.sleep(0.1)
 
 
-def _mgr_task_listed(sr, task):
-    """Whether Ceph's manager still lists task `task` (queued or running)."""
+def _mgr_task_listed(sr, task, wait=None):
+    """(whether Ceph's manager still lists task `task`, queued or running; why that
+    could not be known, or ""), asking for `wait` seconds at most."""
     try:
-        tasks = sr.connection.mgr_command("rbd task list")
-    except protocol.StorageError:
-        return False  # no manager: none of its tasks runs
-    return any(t["id"] == task for t in tasks)
+        tasks = sr.connection.mgr_command("rbd task list", wait=wait)
+    except protocol.StorageError as exc:
+        return False, exc.params[-1]
+    return any(t["id"] == task for t in tasks), ""
 
 
 def flatten_job(depth):
@@ -207,7 +185,7 @@ class Collector(object):
         self.refresh_usage()
         while True:
             done = len(self.actions)
-            live, snapshots = _references(self.sr.index.read(prefix="v."))
+            live, snapshots = references(self.sr.index.read(prefix="v."))
             for entry in self.sr.rbd.list2(self.sr.ioctx):
                 name = entry["name"]
                 if name in live and not self.full:
@@ -222,10 +200,11 @@ class Collector(object):
                 return self.actions
 
     def refresh_usage(self, limit=200):
-        """Measure the usage SR.ls reports where it is missing or old (Volume.stat
-        refreshes it for the volumes XAPI looks at; this catches the others)."""
+        """Measure the usage SR.ls and Volume.stat report where it is missing or
+        older than USAGE_REFRESH (Volume.stat starts a collector for such a volume;
+        the measure costs an object-map diff, which XAPI's calls must not wait for)."""
         entries = self.sr.index.read()
-        stale_before = time.time() - 6 * USAGE_REFRESH
+        stale_before = time.time() - USAGE_REFRESH
         refreshed = 0
         for field, value in sorted(entries.items()):
             if not field.startswith("v.") or refreshed >= limit:
@@ -257,7 +236,7 @@ class Collector(object):
         if not lock.try_acquire():
             return  # in use by a command (or being created): next time
         try:
-            live, snapshots = _references(self.sr.index.read(prefix="v."))
+            live, snapshots = references(self.sr.index.read(prefix="v."))
             referenced = snapshots.get(name, set())
             with self.sr.image(name, read_only=True) as image:
                 stale = [snap for snap in _user_snapshots(image) if snap not in referenced]
@@ -353,8 +332,8 @@ class Collector(object):
                                     % (name, job["depth"]))
                 self.add_stat("flattened_bytes", job.get("size", 0))
                 continue
-            if job.get("task") and _mgr_task_listed(self.sr, job["task"]):
-                continue
+            if job.get("task") and any(_mgr_task_listed(self.sr, job["task"])):
+                continue  # running, or the manager cannot say: never a second flatten
             # Queued under the image's lock, so that a snapshot of the image sees
             # it (see wait_for_flatten).
             lock = self.sr.image_lock(name)
@@ -456,7 +435,7 @@ def status(sr):
     entries = sr.index.read()
     if metadata.SR_RECORD not in entries:
         raise protocol.StorageError(["SR_does_not_exist", sr.describe()])
-    live, snapshots = _references(entries)
+    live, snapshots = references(entries)
     names = [entry["name"] for entry in sr.rbd.list2(sr.ioctx)]
     trash = [entry["name"] for entry in sr.rbd.trash_list(sr.ioctx)]
     running = sr.index.lock(GC_LOCK, lease=GC_LEASE).is_held()

@@ -230,6 +230,7 @@ METHODS = _methods(
                              ("size", INT), ("sharable", BOOL)], VOLUME),
     Method("Volume.snapshot", [_SR, _KEY], VOLUME),
     Method("Volume.clone", [_SR, _KEY], VOLUME),
+    Method("Volume.revert", [_SR, ("snapshot", STRING), _KEY], UNIT),
     Method("Volume.destroy", [_SR, _KEY], UNIT),
     Method("Volume.set_name", [_SR, _KEY, ("new_name", STRING)], UNIT),
     Method("Volume.set_description", [_SR, _KEY, ("new_description", STRING)], UNIT),

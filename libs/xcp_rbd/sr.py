@@ -11,7 +11,7 @@ import os
 import rados
 import rbd
 
-from xcp_rbd import cluster, gc, location, log, metadata, protocol, volume
+from xcp_rbd import cluster, gc, health, location, log, metadata, protocol, volume
 from xcp_rbd.attached import open_sr
 from xcp_rbd.metadata import Omap, SrIndex, dumps
 
@@ -156,37 +156,27 @@ def destroy(dbg, sr):
     _forget_attached(location.SrLocation.parse(sr).sr_uuid)
 
 
-def _capacity(connection, pool):
-    """(total, free) bytes: the pool quota if it has one, else what Ceph can store."""
-    df = connection.mon_command("df", detail="detail")
-    stats = next(p["stats"] for p in df["pools"] if p["name"] == pool)
-    used = stats.get("stored", stats.get("bytes_used", 0))
-    quota = connection.mon_command("osd pool get-quota", pool=pool).get("quota_max_bytes", 0)
-    if quota:
-        return quota, max(quota - used, 0)
-    return used + stats["max_avail"], stats["max_avail"]
-
-
-def _health(connection):
-    report = connection.mon_command("health")
-    status = report.get("status", "HEALTH_ERR")
-    summary = "; ".join(check.get("summary", {}).get("message", name)
-                        for name, check in sorted(report.get("checks", {}).items()))
-    if status == "HEALTH_ERR":
-        return ["Unavailable", summary]
-    return ["Healthy", summary]
-
-
 def stat(dbg, sr):
-    with open_sr(sr) as attached:
-        record = attached.record()
-        total, free = _capacity(attached.connection, attached.location.pool)
-        return {
-            "sr": sr, "uuid": record["uuid"], "name": record["name"],
-            "description": record["description"], "total_space": total,
-            "free_space": free, "datasources": [], "clustered": False,
-            "health": _health(attached.connection),
-        }
+    """The SR's record, capacity and health (see health): an answer also when the
+    cluster does not say everything, and `Unreachable` when it does not answer."""
+    where = location.SrLocation.parse(sr)
+    try:
+        with open_sr(sr) as attached:
+            record = attached.record()
+            total, free, unknown = health.capacity(attached.connection, where.pool)
+            status, message = health.health(attached.connection, where.pool)
+    except protocol.StorageError as exc:
+        if exc.params[0] != "Ceph_unreachable":
+            raise
+        record = {"uuid": where.sr_uuid, "name": "", "description": ""}
+        total = free = 0
+        status, message, unknown = "Unreachable", exc.params[-1], ""
+    return {
+        "sr": sr, "uuid": record["uuid"], "name": record["name"],
+        "description": record["description"], "total_space": total,
+        "free_space": free, "datasources": [], "clustered": False,
+        "health": [status, "; ".join(text for text in (message, unknown) if text)],
+    }
 
 
 def _set_field(sr, field, value):
@@ -216,9 +206,20 @@ def ls(dbg, sr):
 
 
 def probe(dbg, configuration):
-    """The SRs of device-config:pool, or without a pool the RBD pools to choose from."""
-    if not configuration.get("pool"):
-        return _probe_pools(configuration)
+    """The SRs of device-config:pool, or without a pool the RBD pools to choose from;
+    with sr_uuid, that SR wherever it is (xapi refuses an answer whose results carry
+    sr_uuid without being complete)."""
+    if configuration.get("pool"):
+        return _probe_pool(dbg, configuration)
+    pools = _rbd_pools(configuration)
+    if configuration.get("sr_uuid"):
+        return [found for pool in pools
+                for found in _probe_pool(dbg, dict(configuration, pool=pool))]
+    return [{"configuration": dict(configuration, pool=pool), "complete": False,
+             "extra_info": {}} for pool in pools]
+
+
+def _probe_pool(dbg, configuration):
     where = _location_from_config(configuration)
     with cluster.Connection(where.cluster) as connection:
         default_ns = connection.open_pool(where.pool)
@@ -244,18 +245,15 @@ def probe(dbg, configuration):
     return results
 
 
-def _probe_pools(configuration):
+def _rbd_pools(configuration):
     config = cluster.ClusterConfig.from_mapping(configuration)
-    results = []
+    pools = []
     with cluster.Connection(config) as connection:
         for pool in connection.rados.list_pools():
             ioctx = connection.open_pool(pool)
             try:
-                is_rbd = "rbd" in ioctx.application_list()
+                if "rbd" in ioctx.application_list():
+                    pools.append(pool)
             finally:
                 ioctx.close()
-            if is_rbd:
-                found = dict(configuration, pool=pool)
-                results.append({"configuration": found, "complete": False,
-                                "extra_info": {}})
-    return results
+    return pools

@@ -14,11 +14,12 @@ Nothing here copies data or costs time that grows with the data written.
 """
 
 import json
+import time
 
 import rbd
 
-from xcp_rbd import cbt, gc, metadata, protocol
-from xcp_rbd.attached import open_sr
+from xcp_rbd import cbt, gc, metadata, protocol, revert
+from xcp_rbd.attached import USAGE_REFRESH, open_sr
 from xcp_rbd.metadata import dumps, key_prefix, usage_field, volume_field
 
 FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
@@ -136,7 +137,7 @@ def clone(dbg, sr, key):
         new = metadata.new_key()
         with attached.image_lock(record["image"]):
             gc.wait_for_flatten(attached, record["image"])
-            adopted = gc.adopt(attached, key, record, new) \
+            adopted = revert.adopt(attached, key, record, new) \
                 if record["snap"] is not None else None
             clone_record = adopted or _clone_image(attached, key, record, new)
         if clone_record.get("depth", 0) > attached.location.max_chain_depth:
@@ -247,12 +248,16 @@ def resize(dbg, sr, key, new_size):
 
 
 def stat(dbg, sr, key):
+    """The volume as the index has it, with the usage measured last (one read of
+    one bucket: XAPI runs this before every datapath call, inside a migration's
+    downtime too). A usage missing or older than USAGE_REFRESH starts the
+    collector, which measures it in the background."""
     with open_sr(sr) as attached:
         record, keys, cached = _load(attached, key)
-        try:
-            usage = 0 if cbt.data_freed(record) else \
-                attached.allocated_bytes(record["image"], record["snap"])
-        except rbd.ImageNotFound:
-            raise protocol.VolumeDoesNotExist(key)
-        attached.cache_usage(key, usage, cached)
+        if cbt.data_freed(record):
+            usage = 0
+        else:
+            usage = cached.get("bytes", 0)
+            if time.time() - cached.get("at", 0) > USAGE_REFRESH:
+                gc.start(attached)
         return view(attached, key, record, keys, usage)

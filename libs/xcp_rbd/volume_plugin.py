@@ -4,7 +4,7 @@ Installed as one script with a link per command (see CMakeLists.txt), which
 serves COMMANDS with protocol.main.
 """
 
-from xcp_rbd import cbt, plugin, sr, volume
+from xcp_rbd import cbt, plugin, revert, sr, volume
 
 COMMANDS = {
     "Plugin.Query": plugin.query,
@@ -28,6 +28,7 @@ COMMANDS = {
     "Volume.resize": volume.resize,
     "Volume.snapshot": volume.snapshot,
     "Volume.clone": volume.clone,
+    "Volume.revert": revert.revert,
     "Volume.enable_cbt": cbt.enable_cbt,
     "Volume.disable_cbt": cbt.disable_cbt,
     "Volume.list_changed_blocks": cbt.list_changed_blocks,

@@ -21,6 +21,10 @@ VOLUME_PLUGIN = "org.xen.xapi.storage.rbd"
 DATAPATH_PLUGIN = "rbd+tapdisk"
 
 
+# What xapi tells an administrator whose sr-scan an SR's health stopped.
+SCAN_ADVICE = {"Unavailable": "try reboot", "Unreachable": "try again later"}
+
+
 class PluginError(Exception):
     """A script failed: its code and params, as XAPI would show them."""
 
@@ -136,8 +140,18 @@ class Xapi(object):
         self._save(state)
 
     def sr_scan(self, sr_uuid):
+        """SR.scan2 (every 8.3 xapi but the first): SR.stat, again up to 3 times 1 s
+        apart while Unreachable; an SR that is not Healthy then fails the scan with
+        SR_UNHEALTHY, as xapi does; else SR.ls."""
         sr = self.sr(sr_uuid)
-        self.volume("SR.stat", sr=sr)
+        for attempt in range(4):
+            health = self.volume("SR.stat", sr=sr)["health"][0]
+            if health != "Unreachable" or attempt == 3:
+                break
+            time.sleep(1)
+        if health != "Healthy":
+            raise PluginError("SR.scan", {"code": "SR_UNHEALTHY", "params": [
+                sr_uuid, health, SCAN_ADVICE.get(health, "")]})
         return self.volume("SR.ls", sr=sr)
 
     def sr_destroy(self, sr_uuid):
@@ -186,8 +200,15 @@ class Xapi(object):
         self.volume("Volume.stat", sr=sr, key=key)
         self.volume("Volume.destroy", sr=sr, key=key)
 
-    def snapshot_revert(self, sr_uuid, snapshot_key, live_key):
-        """VM snapshot-revert for one disk: destroy the live disk, clone the snapshot."""
+    def snapshot_revert(self, sr_uuid, snapshot_key, live_key, native=False):
+        """VM snapshot-revert for one disk. Every 8.3 xapi: destroy the live disk,
+        clone the snapshot (returns the clone). xapi 26.16 and later, where the SR
+        type declares VDI_REVERT (`native`): Volume.revert, and the disk keeps its
+        key (returns it, as VDI.revert leaves the VDI)."""
+        if native:
+            sr = self.sr(sr_uuid)
+            self.volume("Volume.revert", sr=sr, snapshot=snapshot_key, key=live_key)
+            return self.volume("Volume.stat", sr=sr, key=live_key)
         self.vdi_destroy(sr_uuid, live_key)
         return self.vdi_clone(sr_uuid, snapshot_key)
 
@@ -285,7 +306,9 @@ def _parser():
             (["--description"], {}))
     command("snapshot-revert", "revert a disk to a snapshot as XAPI does",
             sr_arg, (["snapshot"], {"help": "snapshot key"}),
-            (["live"], {"help": "key of the disk being reverted"}))
+            (["live"], {"help": "key of the disk being reverted"}),
+            (["--native"], {"action": "store_true",
+                            "help": "Volume.revert in place, as xapi 26.16 and later do"}))
     command("vbd-plug", "attach and activate a VDI on this host, as VM start does",
             sr_arg, key_arg, (["--domain"], {"default": "0", "help": "guest domid"}))
     command("vbd-unplug", "deactivate (twice) and detach a VDI, as VM shutdown does",
@@ -334,7 +357,8 @@ def run(args):
         "vdi-resize": lambda: xapi.vdi_resize(args.sr, args.key, args.size),
         "vdi-param-set": lambda: xapi.vdi_param_set(args.sr, args.key, args.name,
                                                     args.description),
-        "snapshot-revert": lambda: xapi.snapshot_revert(args.sr, args.snapshot, args.live),
+        "snapshot-revert": lambda: xapi.snapshot_revert(args.sr, args.snapshot, args.live,
+                                                        native=args.native),
         "vbd-plug": lambda: xapi.vbd_plug(args.sr, args.key, args.domain),
         "vbd-unplug": lambda: xapi.vbd_unplug(args.sr, args.key, args.domain),
     }
