@@ -180,6 +180,12 @@ class Host(object):
         with self.current():
             return self.xapi.datapath(command, uri=uri, domain=domain)
 
+    def run(self, flow, *args, **kwargs):
+        """One of the Xapi tool's flows (vm_migrate_localhost, nbd_connect, ...), as
+        this host."""
+        with self.current():
+            return getattr(self.xapi, flow)(*args, **kwargs)
+
     def plug(self, sr_uuid, key, domain="7"):
         with self.current():
             return self.xapi.vbd_plug(sr_uuid, key, domain)

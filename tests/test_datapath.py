@@ -51,8 +51,8 @@ def test_install_has_one_link_per_command(plugin_root, xapi):
     links = {name for name in os.listdir(directory)
              if os.path.islink(os.path.join(directory, name))}
     assert links == set(COMMANDS) == {
-        "Plugin.Query", "Datapath.attach", "Datapath.activate", "Datapath.deactivate",
-        "Datapath.detach", "Data.mirror", "Data.stat"}
+        "Plugin.Query", "Datapath.attach", "Datapath.activate", "Datapath.activate_readonly",
+        "Datapath.deactivate", "Datapath.detach", "Data.mirror", "Data.stat"}
     query = xapi.datapath("Plugin.Query")
     assert query["plugin"] == "rbd+tapdisk" and query["required_api_version"] == "5.0"
     assert "NONPERSISTENT" not in query["features"]
@@ -78,11 +78,7 @@ def test_pattern_survives_shutdown_and_restart(xapi, qemu_sr, host_a,
     tap_open = [c for c in fake_host.commands() if c[:2] == ["tap-ctl", "open"]][-1]
     assert tap_open[-1] in ["aio:" + device for device in fake_host.connected()]
 
-    with host_a.current():  # XAPI's shutdown, with the domains it really passes
-        uri = xapi.volume("Volume.stat", sr=xapi.sr(qemu_sr), key=vdi["key"])["uri"][0]
-        xapi.datapath("Datapath.deactivate", uri=uri, domain="")
-        xapi.datapath("Datapath.deactivate", uri=uri, domain="u0_vbd_0_xvdb")
-        xapi.datapath("Datapath.detach", uri=uri, domain="MIR1a2b3c")
+    host_a.unplug(qemu_sr, vdi["key"], domain="7")  # deactivate twice, detach
     assert not alive(qemu_pid)
     assert host_a.attachments() == []
     assert os.listdir(os.path.join(host_a.run_dir, "datapath")) == []
@@ -148,8 +144,8 @@ def test_second_host_activates_only_after_the_first_deactivates(
         assert client.pread(2 * MiB, 0) == pattern(4, MiB) + pattern(5, MiB)
     refused = refusal(host_a, "Datapath.activate", uri, "7")
     assert refused[:2] == ["Activated_on_another_host", host_b.uuid]
-    host_a.datapath("Datapath.deactivate", uri, "")  # DP.destroy on the source
-    host_a.datapath("Datapath.detach", uri, "")
+    host_a.datapath("Datapath.deactivate", uri, "7")  # DP.destroy on the source
+    host_a.datapath("Datapath.detach", uri, "7")
     host_b.unplug(qemu_sr, vdi["key"], domain="3")
     assert host_a.attachments() == host_b.attachments() == []
     assert state_a["clients"] and not any(  # a clean handover fences nobody

@@ -60,12 +60,12 @@ def test_rbd_nbd_lifecycle_runs_these_commands(xapi, sr_uuid, fake_host, cluster
     assert kept["claimed"] and len(kept["clients"]) == 1  # the rbd-nbd daemon's client
 
     mark = len(fake_host.commands())
-    xapi.datapath("Datapath.deactivate", uri=uri, domain="")
+    xapi.datapath("Datapath.deactivate", uri=uri, domain="7")
     assert _since(fake_host, mark) == [["tap-ctl", "close", "-m", minor, "-p", pid],
                                        ["rbd-nbd", "unmap", device]]
     mark = len(fake_host.commands())
-    xapi.datapath("Datapath.deactivate", uri=uri, domain="")
-    xapi.datapath("Datapath.detach", uri=uri, domain="")
+    xapi.datapath("Datapath.deactivate", uri=uri, domain="7")
+    xapi.datapath("Datapath.detach", uri=uri, domain="7")
     assert _since(fake_host, mark) == [["tap-ctl", "destroy", "-m", minor, "-p", pid]]
     assert fake_host.connected() == {}
     assert os.listdir(os.path.join(os.environ["XCP_RBD_RUN_DIR"], "datapath")) == []

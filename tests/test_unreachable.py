@@ -28,7 +28,8 @@ def fragile_sr(xapi, fragile_cluster):
               "timeout": str(TIMEOUT)}
     sr_uuid = xapi.sr_create(config, name="fragile")
     vdi = xapi.vdi_create(sr_uuid, "4M")
-    return xapi.sr(sr_uuid), vdi["key"]
+    yield xapi.sr(sr_uuid), vdi["key"]
+    xapi.sr_destroy(sr_uuid)  # no SR of a cluster that goes away stays attached
 
 
 def timed_failure(plugin_root, command, **params):
@@ -46,7 +47,11 @@ def test_unanswering_cluster_fails_within_bound(plugin_root, fragile_cluster, fr
     else:
         fragile_cluster.stop_mon()
     try:
-        for command, params in (("SR.stat", {}), ("Volume.stat", {"key": key}),
+        # SR.stat answers: the SR is Unreachable (xapi retries, then says "try again later")
+        status, out, elapsed = timed_failure(plugin_root, "SR.stat", sr=sr)
+        assert status == 0 and out["health"][0] == "Unreachable", out
+        assert elapsed < BOUND + 3, ("SR.stat", elapsed)
+        for command, params in (("Volume.stat", {"key": key}),
                                 ("Volume.snapshot", {"key": key}), ("SR.ls", {})):
             status, out, elapsed = timed_failure(plugin_root, command, sr=sr, **params)
             assert status == 1, command

@@ -10,6 +10,7 @@ COMMANDS = {
     "Plugin.Query": commands.query,
     "Datapath.attach": commands.attach,
     "Datapath.activate": commands.activate,
+    "Datapath.activate_readonly": commands.activate_readonly,
     "Datapath.deactivate": commands.deactivate,
     "Datapath.detach": commands.detach,
     "Data.mirror": mirror.mirror,

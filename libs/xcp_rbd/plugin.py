@@ -3,7 +3,7 @@
 import json
 import os
 
-from xcp_rbd import ceph_client, cluster, gc, location, sr
+from xcp_rbd import ceph_client, cluster, gc, location, protocol, sr
 from xcp_rbd.attached import open_sr
 
 VERSION = "1.0.0"
@@ -12,6 +12,7 @@ FEATURES = [
     "SR_ATTACH", "SR_DETACH", "SR_CREATE", "SR_PROBE", "SR_UPDATE",
     "VDI_CREATE", "VDI_DESTROY", "VDI_SNAPSHOT", "VDI_CLONE", "VDI_RESIZE",
     "THIN_PROVISIONING", "VDI_MIRROR", "VDI_CONFIG_CBT", "VDI_REVERT",
+    "VDI_ACTIVATE_READONLY",
 ]
 
 
@@ -43,20 +44,28 @@ def diagnostics(dbg):
     cluster's version, what they hold, what waits). Reads only: it writes nothing
     to any cluster."""
     reports = []
+    document = {"plugin": "rbd", "version": VERSION, "client": ceph_client.report(),
+                "sr_type_clash": sr_type_clash(), "srs": reports}
+    protocol.answer_on_timeout(lambda explanation: _diagnostics_text(dict(
+        document, unfinished="stopped at an SR whose cluster did not answer: %s"
+        % explanation)))
     for attached_sr in sr.attached_srs():
         where = location.SrLocation.parse(attached_sr)
+        report = {"sr_uuid": where.sr_uuid, "pool": where.pool,
+                  "namespace": where.namespace, "cluster": where.cluster.describe(),
+                  "datapath": where.datapath}
+        reports.append(report)  # what the watchdog shows, should this SR hang
         try:
             with open_sr(attached_sr) as attached:
-                report = gc.status(attached)
-                report["cluster_version"] = attached.connection.cluster_version()
+                report.update(gc.status(attached),
+                              cluster_version=attached.connection.cluster_version())
         except Exception as exc:  # one broken SR must not hide the others
-            report = {"error": str(exc)}
-        report.update(sr_uuid=where.sr_uuid, pool=where.pool, namespace=where.namespace,
-                      cluster=where.cluster.describe(), datapath=where.datapath)
-        reports.append(report)
-    return json.dumps({"plugin": "rbd", "version": VERSION, "client": ceph_client.report(),
-                       "sr_type_clash": sr_type_clash(), "srs": reports},
-                      indent=2, sort_keys=True)
+            report["error"] = str(exc)
+    return _diagnostics_text(document)
+
+
+def _diagnostics_text(document):
+    return json.dumps(document, indent=2, sort_keys=True)
 
 
 def sr_type_clash():

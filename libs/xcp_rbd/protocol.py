@@ -116,15 +116,22 @@ class _Output(object):
         sys.stdout = sys.stderr  # nothing may follow the protocol's JSON
         return status
 
-    def abort(self, document):
-        """Emit a failure from another thread and end the process at once."""
-        if self.emit(document, 1) is not None:
+    def abort(self, document, status=1):
+        """Emit from another thread and end the process at once."""
+        if self.emit(document, status) is not None:
             log.flush()
-            os._exit(1)
+            os._exit(status)
 
 
 _output = _Output()
-_watchdog = {"enabled": False, "timers": []}
+_watchdog = {"enabled": False, "timers": [], "answer": None}
+
+
+def answer_on_timeout(answer):
+    """Let the watchdog answer `answer(explanation)` as the call's result instead
+    of failing it, for calls whose result can say that the cluster did not answer
+    (SR.stat: the SR is Unreachable; Plugin.diagnostics: what it found so far)."""
+    _watchdog["answer"] = answer
 
 
 def enable_watchdog():
@@ -142,6 +149,8 @@ def arm_watchdog(seconds, explanation):
     Long operations re-arm it as they make progress.
     """
     def expire():
+        if _watchdog["answer"] is not None:
+            _output.abort(_watchdog["answer"](explanation), 0)
         _output.abort(error_document(failure("Ceph_unreachable", explanation)))
 
     if not _watchdog["enabled"]:

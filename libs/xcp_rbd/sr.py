@@ -157,9 +157,15 @@ def destroy(dbg, sr):
 
 
 def stat(dbg, sr):
-    """The SR's record, capacity and health (see health): an answer also when the
-    cluster does not say everything, and `Unreachable` when it does not answer."""
+    """SR.stat: the SR's record, capacity and health (see health): an answer also
+    when the cluster does not say everything, and `Unreachable` when it does not
+    answer in time (also when the watchdog ends the call)."""
     where = location.SrLocation.parse(sr)
+    protocol.answer_on_timeout(lambda explanation: _unreachable(sr, where, explanation))
+    return _stat(sr, where)
+
+
+def _stat(sr, where):
     try:
         with open_sr(sr) as attached:
             record = attached.record()
@@ -168,14 +174,21 @@ def stat(dbg, sr):
     except protocol.StorageError as exc:
         if exc.params[0] != "Ceph_unreachable":
             raise
-        record = {"uuid": where.sr_uuid, "name": "", "description": ""}
-        total = free = 0
-        status, message, unknown = "Unreachable", exc.params[-1], ""
+        return _unreachable(sr, where, exc.params[-1])
+    return _stat_result(sr, record, total, free,
+                        [status, "; ".join(text for text in (message, unknown) if text)])
+
+
+def _unreachable(sr, where, explanation):
+    record = {"uuid": where.sr_uuid, "name": "", "description": ""}
+    return _stat_result(sr, record, 0, 0, ["Unreachable", explanation])
+
+
+def _stat_result(sr, record, total, free, state):
     return {
         "sr": sr, "uuid": record["uuid"], "name": record["name"],
         "description": record["description"], "total_space": total,
-        "free_space": free, "datasources": [], "clustered": False,
-        "health": [status, "; ".join(text for text in (message, unknown) if text)],
+        "free_space": free, "datasources": [], "clustered": False, "health": state,
     }
 
 
@@ -236,7 +249,7 @@ def _probe_pool(dbg, configuration):
         config = dict(configuration)
         config.update(sr_uuid=sr_uuid, namespace=found.namespace)
         try:
-            sr_stat = stat(dbg, str(found))
+            sr_stat = _stat(str(found), found)
         except protocol.StorageError as exc:
             log.warning("probe: SR %s is registered but unreadable: %s", sr_uuid, exc)
             continue

@@ -230,12 +230,15 @@ class Xapi(object):
         """Volume.stat, which xapi-storage-script runs before every datapath call."""
         return self.volume("Volume.stat", sr=sr, key=key)["uri"][0]
 
-    def vbd_plug(self, sr_uuid, key, domain="0"):
-        """VM start (or VBD hot-plug) for one disk: VDI.attach3 then VDI.activate3."""
+    def vbd_plug(self, sr_uuid, key, domain="0", read_only=False):
+        """VM start (or VBD hot-plug) for one disk: VDI.attach3 then VDI.activate3
+        (activate_readonly for a read-only VBD: the SR type declares
+        VDI_ACTIVATE_READONLY)."""
         sr = self.sr(sr_uuid)
         backend = self.datapath("Datapath.attach", uri=self._datapath_uri(sr, key),
                                 domain=domain)
-        self.datapath("Datapath.activate", uri=self._datapath_uri(sr, key), domain=domain)
+        self.datapath("Datapath.activate_readonly" if read_only else "Datapath.activate",
+                      uri=self._datapath_uri(sr, key), domain=domain)
         return backend
 
     def vbd_unplug(self, sr_uuid, key, domain="0"):
@@ -243,9 +246,46 @@ class Xapi(object):
         which deactivates again and detaches."""
         sr = self.sr(sr_uuid)
         self.datapath("Datapath.deactivate", uri=self._datapath_uri(sr, key), domain=domain)
+        self._dp_destroy(sr, key, domain)
+
+    def _dp_destroy(self, sr, key, domain):
         uri = self._datapath_uri(sr, key)
         self.datapath("Datapath.deactivate", uri=uri, domain=domain)
         self.datapath("Datapath.detach", uri=uri, domain=domain)
+
+    def vm_migrate_localhost(self, sr_uuid, key, old, new, early_attach=False,
+                             running=None):
+        """xe vm-migrate to the same host, for one disk (xapi-flows 3.1 to 3.3): in
+        xenopsd's legacy order (XCP-ng's default) the old domain deactivates (the VM
+        pauses), the new one attaches and activates, then the old one deactivates and
+        detaches; in split mode with early attach, the new domain attaches first and
+        the old one deactivates once more before the end. `running(backend)` runs
+        once the VM runs on the new domain, before the old domain's teardown.
+        Returns the new domain's Datapath.attach result."""
+        sr = self.sr(sr_uuid)
+        attach = lambda: self.datapath("Datapath.attach", uri=self._datapath_uri(sr, key),
+                                       domain=new)
+        backend = attach() if early_attach else None
+        self.datapath("Datapath.deactivate", uri=self._datapath_uri(sr, key), domain=old)
+        backend = backend or attach()
+        self.datapath("Datapath.activate", uri=self._datapath_uri(sr, key), domain=new)
+        if running:
+            running(backend)
+        if early_attach:
+            self.datapath("Datapath.deactivate", uri=self._datapath_uri(sr, key),
+                          domain=old)
+        self._dp_destroy(sr, key, old)
+        return backend
+
+    def nbd_connect(self, sr_uuid, key, device):
+        """A client connects to xapi's NBD server for this disk: a read-only dom0 VBD
+        of its own, domain u0_vbd_0_<device>. Returns (domain, attach result)."""
+        domain = "u0_vbd_0_%s" % device
+        return domain, self.vbd_plug(sr_uuid, key, domain, read_only=True)
+
+    def nbd_disconnect(self, sr_uuid, key, domain):
+        """The NBD client goes: its dom0 VBD is unplugged (DP.destroy)."""
+        self._dp_destroy(self.sr(sr_uuid), key, domain)
 
 
 def _short(document, status):
@@ -310,7 +350,20 @@ def _parser():
             (["--native"], {"action": "store_true",
                             "help": "Volume.revert in place, as xapi 26.16 and later do"}))
     command("vbd-plug", "attach and activate a VDI on this host, as VM start does",
-            sr_arg, key_arg, (["--domain"], {"default": "0", "help": "guest domid"}))
+            sr_arg, key_arg, (["--domain"], {"default": "0", "help": "guest domid"}),
+            (["--read-only"], {"action": "store_true",
+                               "help": "a read-only VBD (Datapath.activate_readonly)"}))
+    command("vm-migrate", "move a running disk to a new domain of this host, as "
+            "xe vm-migrate host=<this host> does", sr_arg, key_arg,
+            (["--from"], {"dest": "old", "required": True, "help": "the old domid"}),
+            (["--to"], {"dest": "new", "required": True, "help": "the new domid"}),
+            (["--early-attach"], {"action": "store_true",
+                                  "help": "xenopsd's split mode: attach before pausing"}))
+    command("nbd-connect", "a client of xapi's NBD server opens the disk (a read-only "
+            "dom0 VBD of its own); prints its domain", sr_arg, key_arg,
+            (["--device"], {"required": True, "help": "dom0 device name, e.g. xvdb"}))
+    command("nbd-disconnect", "that NBD client goes", sr_arg, key_arg,
+            (["--domain"], {"required": True, "help": "the domain nbd-connect printed"}))
     command("vbd-unplug", "deactivate (twice) and detach a VDI, as VM shutdown does",
             sr_arg, key_arg, (["--domain"], {"default": "0", "help": "guest domid"}))
     command("diagnostics", "Plugin.diagnostics")
@@ -359,7 +412,11 @@ def run(args):
                                                     args.description),
         "snapshot-revert": lambda: xapi.snapshot_revert(args.sr, args.snapshot, args.live,
                                                         native=args.native),
-        "vbd-plug": lambda: xapi.vbd_plug(args.sr, args.key, args.domain),
+        "vbd-plug": lambda: xapi.vbd_plug(args.sr, args.key, args.domain, args.read_only),
+        "vm-migrate": lambda: xapi.vm_migrate_localhost(args.sr, args.key, args.old,
+                                                        args.new, args.early_attach),
+        "nbd-connect": lambda: xapi.nbd_connect(args.sr, args.key, args.device)[0],
+        "nbd-disconnect": lambda: xapi.nbd_disconnect(args.sr, args.key, args.domain),
         "vbd-unplug": lambda: xapi.vbd_unplug(args.sr, args.key, args.domain),
     }
     return simple[action]()

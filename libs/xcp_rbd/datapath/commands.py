@@ -7,13 +7,20 @@
   qemu-emulated disks and dom0 users) and the backend's own (qemu: Nbd).
 - activate: the activation lock (activation), then the backend opens the image
   and gives a dom0 block device, and tapdisk opens that device.
+  activate_readonly (feature VDI_ACTIVATE_READONLY of the volume plugin: xapi's
+  read-only users, its NBD server's readers): the same without the lock, the
+  image opened read-only; so is every snapshot.
 - deactivate: the reverse, flushing on the way; the lock is released last.
   A storage migration's mirror (mirror) ends before the image closes.
   Each step is recorded in the volume's state as it is done or undone, so
   every command can be repeated: XAPI deactivates twice per shutdown.
 - detach: whatever is left, then the state itself; it never fails.
-`domain` is only logged: it changes between the calls on one attachment
-("7", "", "u0_...", "MIR...").
+
+Several domains use one volume on one host at once (xapi-flows sections 3.3, 4.2,
+5): a localhost migration's old and new domain, one dom0 domain per NBD reader,
+a storage migration's MIR... datapath, the VMs of a sharable disk. The state
+keeps the set of attached domains and the active ones (with their mode), and
+the volume stays open while one is active and attached while one is attached.
 """
 
 from xcp_rbd import cluster, location, log, protocol
@@ -73,18 +80,45 @@ def attach(dbg, uri, domain):
 
 
 def activate(dbg, uri, domain):
+    _activate(uri, domain, read_only=False)
+
+
+def activate_readonly(dbg, uri, domain):
+    _activate(uri, domain, read_only=True)
+
+
+def _active(att):
+    """{domain: "rw" or "ro"} of the domains the volume is active for (a state
+    written before there were several named one `active_domain`)."""
+    values = att.values
+    active = values.setdefault("active", {})
+    if "active_domain" in values:
+        active[values.pop("active_domain")] = "ro" if values.get("read_only") else "rw"
+    return active
+
+
+def _activate(uri, domain, read_only):
     where, backend = _usable(uri)
+    read_only = read_only or where.snap is not None  # a snapshot never changes
     with state.Attachment(where) as att:
         if "tapdisk" not in att.values:
             raise protocol.failure("Not_attached", "%s is not attached on this host: "
                                    "Datapath.attach comes first" % where.spec)
+        active = _active(att)
         if att.values.get("tapdisk_open"):
             if backend.alive(att):
+                if att.values.get("read_only") and not read_only:
+                    raise protocol.failure(
+                        "Volume_active_read_only", "%s is open read-only on this host "
+                        "for %s: it can be written once they deactivate it"
+                        % (where.spec, ", ".join(sorted(active)) or "a reader"))
+                active[domain] = "ro" if read_only else "rw"
+                att.save()
                 return None
             log.warning("%s: its %s died: activating it again", where.spec, backend.name)
             _deactivate(att, where, backend)
         try:
-            if where.snap is not None:  # a snapshot never changes: no writer to exclude
+            if read_only:  # no writer to exclude, and none excluded
                 _open(att, where, backend, True)
             else:
                 with cluster.Connection(where.cluster) as connection:
@@ -93,22 +127,10 @@ def activate(dbg, uri, domain):
         except Exception:
             _undo(att, where, backend)
             raise
-        att.values["active_domain"] = domain
+        active[domain] = "ro" if read_only else "rw"
         att.save()
-    log.info("%s active (domain %r)", where.spec, domain)
+    log.info("%s active (domain %r%s)", where.spec, domain, ", read-only" if read_only else "")
     return None
-
-
-def _for_another_domain(att, domain):
-    """Whether a deactivate/detach comes from a second attachment of the volume on this
-    host while the first one still uses it: storage migration attaches the VM's disk
-    again for dom0 (u0_...) and destroys that datapath after a failed migration, while
-    the VM keeps running. `domain` is unreliable ("" once a domain is gone), so only a
-    named, attached domain other than the active one counts."""
-    values = att.values
-    return (domain != "" and values.get("tapdisk_open")
-            and domain != values.get("active_domain")
-            and values.get("active_domain") in values.get("domains", []))
 
 
 def _activation_lock(connection, where):
@@ -131,8 +153,8 @@ def _open(att, where, backend, read_only, opened=None):
     each step recorded once done."""
     protocol.arm_watchdog(3 * where.cluster.timeout + 5, "%s: qemu or the cluster did "
                           "not answer while activating" % where.spec)
-    att.values["opened"] = True  # recorded first: a half-open backend is undone too
-    att.save()
+    att.values.update(opened=True, read_only=read_only)  # first: a half-open backend
+    att.save()                                           # is undone too
     att.values["device"] = backend.open(att, where, read_only)
     att.save()
     if opened:
@@ -166,7 +188,7 @@ def _deactivate(att, where, backend):
         # Before the image closes: the mirror target must get every write.
         unfinished = mirror.finish(att)
         dead = backend.close(att, where)
-        for key in ("opened", "device"):
+        for key in ("opened", "device", "read_only"):
             values.pop(key, None)
         att.save()
     if values.get("claimed"):
@@ -181,38 +203,55 @@ def _deactivate(att, where, backend):
 
 
 def deactivate(dbg, uri, domain):
+    """The volume closes when the last active domain deactivates it; for a domain
+    that is not active (never was, or the call repeats) with others active, nothing."""
     where, backend = _volume(uri)
     with state.Attachment(where) as att:
-        if _for_another_domain(att, domain):
-            log.info("%s stays active for domain %r (deactivate for %r)", where.spec,
-                     att.values["active_domain"], domain)
+        active = _active(att)
+        active.pop(domain, None)
+        if active:
+            att.save()
+            log.info("%s stays active for %s (deactivate for %r)", where.spec,
+                     ", ".join(sorted(active)), domain)
             return None
         _deactivate(att, where, backend)
-        att.values.pop("active_domain", None)
+        att.values.pop("active", None)
         att.save()
     log.info("%s inactive (domain %r)", where.spec, domain)
 
 
 def detach(dbg, uri, domain):
-    """Never fails: what cannot be undone is logged and forgotten."""
+    """The volume is torn down when its last attached domain detaches it (closed
+    already when no domain is active any more). Never fails: what cannot be undone
+    is logged and forgotten."""
     where, backend = _volume(uri)
     with state.Attachment(where) as att:
-        if _for_another_domain(att, domain):
-            att.values["domains"] = [d for d in att.values["domains"] if d != domain]
+        active = _active(att)
+        active.pop(domain, None)
+        att.values["domains"] = [d for d in att.values.get("domains", []) if d != domain]
+        if att.values["domains"]:
+            if not active:
+                _leave(where, [("deactivate", lambda: _deactivate(att, where, backend))])
+                att.values.pop("active", None)
             att.save()
-            log.info("%s stays attached for domain %r (detach for %r)", where.spec,
-                     att.values["active_domain"], domain)
+            log.info("%s stays attached for %s (detach for %r)", where.spec,
+                     ", ".join(att.values["domains"]), domain)
             return None
         tapdisk = att.values.get("tapdisk")
         steps = [("deactivate", lambda: _deactivate(att, where, backend)),
                  ("end the backend", lambda: backend.detach(att, where))]
         if tapdisk:
             steps.append(("destroy tapdisk", lambda: host.tapdisk_destroy(tapdisk)))
-        for what, step in steps:
-            try:
-                step()
-            except Exception as exc:
-                log.error("%s: detach could not %s (left behind): %s", where.spec, what, exc)
+        _leave(where, steps)
         mirror.forget(att)
         att.values = {}
     log.info("%s detached (domain %r)", where.spec, domain)
+
+
+def _leave(where, steps):
+    """Run teardown steps, logging (not raising) what fails: detach never fails."""
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:
+            log.error("%s: detach could not %s (left behind): %s", where.spec, what, exc)
