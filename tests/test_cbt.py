@@ -127,10 +127,11 @@ def test_bitmap_bit_by_bit(xapi, sr_uuid, sr, image_io):
         "Invalid_parameters"  # older to newer only
 
 
-def test_first_write_to_an_object_reports_from_its_old_end(xapi, sr_uuid, sr, image_io):
-    """RBD's own diff, on a thin disk: a write that grows an object reports everything
-    from the object's old end (at most the rest of the 4 MiB object); nothing written
-    is ever missed."""
+def test_a_write_that_grows_an_object_reports_from_its_old_end(xapi, sr_uuid, sr, image_io):
+    """On a thin disk, a write that grows an object that existed reports everything
+    from the object's old end (RBD's own diff: at most the rest of the 4 MiB object);
+    a write to an object that did not exist reports exactly what it wrote. Nothing
+    written is ever missed."""
     disk = xapi.vdi_create(sr_uuid, 16 * MiB)
     xapi.volume("Volume.enable_cbt", sr=sr, key=disk["key"])
     image_io.write(disk, 0, b"x" * BLOCK)
@@ -139,7 +140,45 @@ def test_first_write_to_an_object_reports_from_its_old_end(xapi, sr_uuid, sr, im
     after = snapshot(xapi, sr_uuid, disk)
     _, reported = changed(xapi, sr, before["key"], after["key"])
     assert written <= reported
-    assert reported == blocks(OBJECT, 2 * MiB + 4 * KiB) | blocks(BLOCK, 2 * BLOCK + 10)
+    assert reported == blocks(OBJECT + 2 * MiB, 4 * KiB) | blocks(BLOCK, 2 * BLOCK + 10)
+
+
+def test_bitmaps_are_exact_on_a_never_written_thin_disk(xapi, sr_uuid, sr, image_io):
+    """First writes to a thin disk (objects that did not exist at the older snapshot),
+    at the end of objects, across block and object edges, and in the live disk."""
+    disk = xapi.vdi_create(sr_uuid, 32 * MiB)
+    xapi.volume("Volume.enable_cbt", sr=sr, key=disk["key"])
+    empty = snapshot(xapi, sr_uuid, disk)
+    written = write(image_io, disk, [
+        (OBJECT - 4 * KiB, 4 * KiB),            # the end of object 0: block 63
+        (OBJECT + 5 * BLOCK + 100, BLOCK),      # object 1: blocks 69 and 70
+        (3 * OBJECT - 10, 20),                  # across objects 2 and 3: 191 and 192
+        (2 * OBJECT + 30 * BLOCK, 1),           # object 2 again: 158
+    ])
+    assert written == {63, 69, 70, 191, 192, 158}
+    first = snapshot(xapi, sr_uuid, disk)
+    assert changed(xapi, sr, empty["key"], first["key"])[1] == written
+    later = write(image_io, disk, [(21 * MiB + 7 * BLOCK, 3)])   # object 5: block 343
+    assert later == {343}
+    assert changed(xapi, sr, empty["key"], disk["key"])[1] == written | later
+    assert changed(xapi, sr, first["key"], disk["key"])[1] == later
+    # a window of the bitmap, from the middle of an object
+    assert changed(xapi, sr, empty["key"], first["key"], OBJECT + 4 * BLOCK, 4 * BLOCK) \
+        == (1, {1, 2})
+
+
+def test_the_zero_chunk_checksum_is_crc32c_of_64_kib_of_zeros():
+    from xcp_rbd.object_checksums import CHUNK, ZERO_CHUNK_CRC32C
+    from xcp_rbd.cbt import GRANULARITY
+    table = []
+    for n in range(256):
+        for _ in range(8):
+            n = (n >> 1) ^ 0x82F63B78 if n & 1 else n >> 1
+        table.append(n)
+    crc = 0xFFFFFFFF
+    for byte in bytes(CHUNK):
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    assert crc == ZERO_CHUNK_CRC32C and CHUNK == GRANULARITY
 
 
 def test_resize_between_snapshots(xapi, sr_uuid, sr, image_io):

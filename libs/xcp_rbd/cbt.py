@@ -41,7 +41,7 @@ import zlib
 
 import rbd
 
-from xcp_rbd import ceph_client, gc, protocol
+from xcp_rbd import ceph_client, gc, log, object_checksums, protocol
 from xcp_rbd.attached import open_sr
 from xcp_rbd.metadata import volume_field
 
@@ -297,6 +297,8 @@ def _rbd_changed(sr, name, from_snap, target, start, end):
     bits = 0
     with sr.image(name, snapshot=target["snap"], read_only=True) as image:
         trusted = _object_map_limit(image, from_snap, target["snap"])
+        object_size = image.stat()["obj_size"]
+        ends = {}  # object number -> where RBD's last extent in it ends, in the object
         for chunk in range(start - start % GRANULARITY, end, _CHUNK):
             stop = min(end, chunk + _CHUNK)
             marks = bytearray(-(-(stop - chunk) // (8 * GRANULARITY)) * 8)
@@ -305,6 +307,8 @@ def _rbd_changed(sr, name, from_snap, target, start, end):
                 first = max(0, (offset - chunk) // GRANULARITY)
                 last = min(len(marks), -(-(offset + length - chunk) // GRANULARITY))
                 marks[first:last] = b"\x01" * (last - first)
+                number = (offset + length - 1) // object_size
+                ends[number] = max(ends.get(number, 0), offset + length - number * object_size)
             for run_start, run_end in _runs(image, from_snap, max(chunk, start), stop,
                                             trusted):
                 # include_parent (the default) only matters from nothing: a clone has
@@ -314,7 +318,61 @@ def _rbd_changed(sr, name, from_snap, target, start, end):
             bits |= _pack(marks) << (chunk // GRANULARITY)
             protocol.arm_watchdog(3 * sr.location.cluster.timeout + 5,
                                   "%s did not answer a diff" % sr.location.cluster.describe())
+        return _without_unwritten(sr, name, image, from_snap, target["snap"], bits, ends,
+                                  start, min(end, trusted))
+
+
+def _without_unwritten(sr, name, image, from_snap, to_snap, bits, ends, start, end):
+    """`bits` without the blocks of [start, end) that RBD reports only because their
+    object is new: RBD reports an object that did not exist at from_snap from its
+    start to its end (`ends`: where its reported extents end, its size then), so a
+    thin disk's first write at the end of an object marks all of it. Where the
+    object was zeros at from_snap for sure (absent, in an image without a parent),
+    its blocks that read as zeros now did not change: the OSDs tell by checksums
+    (object_checksums), no data is read. On any failure, `bits` as it is (a larger
+    bitmap is never wrong, only slower to back up)."""
+    if end <= start or not ends or _has_parent(image):
+        return bits
+    info = image.stat()
+    per_object = info["obj_size"] // GRANULARITY
+    existed = set()
+    if from_snap is not None:
+        with sr.image(name, snapshot=from_snap, read_only=True) as before:
+            if _has_parent(before):
+                return bits
+            ceph_client.object_diff(before, 0, before.size(), None, lambda offset, length,
+                                    exists: exists and existed.add(offset // info["obj_size"]))
+    new = {"%s.%016x" % (info["block_name_prefix"], number): number
+           for number in ends if number not in existed
+           and start < (number + 1) * info["obj_size"] and number * info["obj_size"] < end}
+    if not new:
+        return bits
+    where = sr.location
+    try:
+        with object_checksums.ObjectChecksums(where.cluster, where.pool,
+                                              where.namespace) as checksums:
+            zeros = checksums.zero_chunks(
+                {object_name: ends[number] - ends[number] % GRANULARITY
+                 for object_name, number in new.items()},
+                ceph_client.snap_id(image, to_snap) if to_snap is not None else None)
+    except object_checksums.ChecksumError as exc:
+        log.warning("changed blocks of %s: the OSDs' checksums failed (%s): reporting "
+                    "new objects whole", name, exc)
+        return bits
+    for object_name, chunks in zeros.items():
+        for chunk in chunks:
+            block = new[object_name] * per_object + chunk
+            if start <= block * GRANULARITY < end:
+                bits &= ~(1 << block)
     return bits
+
+
+def _has_parent(image):
+    try:
+        image.parent_id()
+        return True
+    except rbd.ImageNotFound:
+        return False
 
 
 def _object_map_limit(image, from_snap, to_snap):
