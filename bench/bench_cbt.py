@@ -102,8 +102,8 @@ def main():
             exact = lcb(first["key"], second["key"])
             check_exact(sr, disk, second, exact, expected)
 
-            label = "%s random writes: %d blocks, %d objects" % (io_size, len(expected),
-                                                                 objects)
+            label = "%s random writes: %d objects, %d blocks (rbd diff: %d)" % (
+                io_size, objects, len(exact), len(expected))
             ours, theirs, whole = medians(lambda: lcb(first["key"], second["key"]),
                                           lambda: rbd(*diff),
                                           lambda: rbd(*(diff + ["--whole-object"])))

@@ -28,6 +28,7 @@ def test_diagnostics_report_this_host_and_write_nothing(xapi, sr_uuid, sr, clust
         ["/usr/bin/python3", "-c", "import platform; print(platform.python_version())"]
     ).decode().strip()
     assert rados.__file__ in client["rados_binding"]
+    assert "librados.so" in client["librados"] and "librbd.so" in client["librbd"]
     assert ("rados.WriteOp.omap_cmp" in client["lacks"]) == (
         not hasattr(rados.WriteOp, "omap_cmp"))
     assert report["sr_type_clash"] == [str(smapiv1 / "RBDSR.py")]

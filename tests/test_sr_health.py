@@ -77,11 +77,13 @@ def test_probe_by_sr_uuid_without_pool_finds_it_complete(xapi, sr_uuid, device_c
     assert all(r["complete"] for r in results)
 
 
+@pytest.mark.parametrize("silence", ["manager refuses", "manager stopped"])
 def test_snapshot_waits_for_a_flatten_the_manager_does_not_report(
-        xapi, device_config, cluster, image_io):
-    """While Ceph's manager flattens a disk and refuses to say so (here: the user's
-    mgr caps are revoked), a snapshot of the disk either waits until the flatten has
-    ended or fails with Busy; it is never taken while the flatten runs."""
+        xapi, device_config, cluster, image_io, silence):
+    """While Ceph's manager flattens a disk and does not say so (the user's mgr caps
+    revoked; the manager stopped, its persistent task waiting for it), a snapshot of
+    the disk either waits until the flatten has ended or fails with Busy; it is never
+    taken while the flatten may run."""
     sr_uuid = xapi.sr_create(dict(device_config, max_chain_depth="1", timeout="3"),
                              name="flatten guard")
     sr = xapi.sr(sr_uuid)
@@ -96,8 +98,11 @@ def test_snapshot_waits_for_a_flatten_the_manager_does_not_report(
         job = json.loads(attached.index.read(prefix=gc.JOB_PREFIX)[gc.JOB_PREFIX + image])
         assert job.get("task")
         saved = cluster.ceph_json("auth", "get", "client." + cluster.user)[0]["caps"]
-        cluster.ceph("auth", "caps", "client." + cluster.user, "mon", saved["mon"],
-                     "osd", saved["osd"])
+        if silence == "manager stopped":
+            cluster.stop_mgr()
+        else:
+            cluster.ceph("auth", "caps", "client." + cluster.user, "mon", saved["mon"],
+                         "osd", saved["osd"])
         try:
             try:
                 snapshot = xapi.vdi_snapshot(sr_uuid, deep["key"], xapi_keys=False)
@@ -107,10 +112,25 @@ def test_snapshot_waits_for_a_flatten_the_manager_does_not_report(
                 assert "does not say whether it runs" in refused.params[1]
                 snapshot = None
         finally:
-            cluster.ceph("auth", "caps", "client." + cluster.user,
-                         *[word for item in saved.items() for word in item])
+            if silence == "manager stopped":
+                cluster.start_mgr()
+            else:
+                cluster.ceph("auth", "caps", "client." + cluster.user,
+                             *[word for item in saved.items() for word in item])
         if snapshot is not None:
             assert depth_then == 0   # taken once the flatten was over, not during it
             data = image_io.read_at(snapshot, objects, 4)
             assert data == [b"ffff"] * len(objects)
+        if silence == "manager stopped":   # the manager's queue resumes the flatten
+            deadline = time.time() + 120
+            while gc.chain_depth(attached, image) and time.time() < deadline:
+                time.sleep(1)
+            assert gc.chain_depth(attached, image) == 0
     xapi.sr_destroy(sr_uuid)
+
+
+def test_chain_depth_of_an_image_gone_meanwhile_is_zero(sr):
+    """(Plugin.diagnostics and the collector walk chains that a flatten or a destroy
+    can end under them.)"""
+    with open_sr(sr) as attached:
+        assert gc.chain_depth(attached, "no-such-image") == 0

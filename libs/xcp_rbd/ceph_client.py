@@ -145,10 +145,25 @@ def report():
         "python": sys.version.split()[0],
         "rados_binding": _origin(rados.__file__),
         "rbd_binding": _origin(rbd.__file__),
+        "librados": _origin(_loaded("librados.so")),
+        "librbd": _origin(_loaded("librbd.so")),
         "librbd_api": "%d.%d.%d" % rbd.RBD().version(),
         "lacks": {name: what for name, owner, attribute, what in _OPTIONAL
                   if not hasattr(owner, attribute)},
     }
+
+
+def _loaded(library):
+    """The path of the shared library this process loaded under that name."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/" + library in path:
+                    return path
+    except IOError:
+        pass
+    return library + " (not found in this process)"
 
 
 def _origin(path):
