@@ -61,7 +61,9 @@ def free_device():
     for name in sorted(os.listdir(os.path.join(SYS, "block")), key=lambda n: int(n[3:])):
         if not os.path.exists(pid_file(name)):
             return "/dev/" + name
-    sys.exit("no free nbd device")
+    # as rbd-nbd.cc's try_ioctl_setup says it, and main's EXIT_FAILURE
+    sys.stderr.write("rbd-nbd: failed to find unused device\n")
+    sys.exit(1)
 
 if args[0] == "map":
     options = dict(zip(args[1:-1:2], args[2:-1:2]))
@@ -116,6 +118,10 @@ class FakeHost(object):
         os.makedirs(self.bin)
         for index in range(nbd_devices):
             os.makedirs(os.path.join(self.sysfs, "block", "nbd%d" % index))
+        parameters = os.path.join(self.sysfs, "module", "nbd", "parameters")
+        os.makedirs(parameters)   # the module is loaded, with this many devices
+        with open(os.path.join(parameters, "nbds_max"), "w") as stream:
+            stream.write("%d\n" % nbd_devices)
         for names, text in ((("tap-ctl", "nbd-client"), FAKE_SHELL_TOOL),
                             (("rbd-nbd",), FAKE_RBD_NBD % {"python": sys.executable,
                                                            "holder": HOLDER})):

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 
-from hosts import nbd_client
+from hosts import FakeHost, nbd_client
 
 MiB = 1 << 20
 
@@ -150,3 +150,31 @@ def test_storage_migration_destination_datapath_ends_after_the_vm_attaches(
     host_a.unplug(sr_uuid, vdi["key"], domain="12")
     assert host_a.attachments() == []
     xapi.vdi_destroy(sr_uuid, vdi["key"])
+
+
+def test_running_out_of_nbd_devices_is_refused_before_anything_is_set_up(
+        xapi, sr_uuid, host_a, tmp_path, monkeypatch):
+    """A host whose nbd module made 2 devices: the third disk's activate says what
+    to change, and takes neither the activation lock nor a device."""
+    small = FakeHost(str(tmp_path / "two-devices"), nbd_devices=2)
+    for key, value in small.environ().items():
+        monkeypatch.setenv(key, value)
+    disks = [xapi.vdi_create(sr_uuid, "16M") for _ in range(3)]
+    try:
+        for disk in disks[:2]:
+            host_a.plug(sr_uuid, disk["key"], domain="7")
+        with pytest.raises(Exception) as refused:
+            host_a.plug(sr_uuid, disks[2]["key"], domain="7")
+        assert refused.value.params[0] == "No_nbd_device"
+        assert "nbds_max=128" in refused.value.params[1]
+        assert "/etc/modprobe.d/nbd.conf" in refused.value.params[1]
+        third, = [a for a in host_a.attachments() if disks[2]["key"] in a["volume"]]
+        assert "claimed" not in third and "opened" not in third
+        assert len(small.connected()) == 2
+        host_a.unplug(sr_uuid, disks[0]["key"], domain="7")   # a device is free again
+        host_a.plug(sr_uuid, disks[2]["key"], domain="7")
+    finally:
+        for disk in disks:
+            host_a.unplug(sr_uuid, disk["key"], domain="7")
+        small.close()
+    assert host_a.attachments() == []

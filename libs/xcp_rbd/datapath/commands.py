@@ -117,6 +117,7 @@ def _activate(uri, domain, read_only):
                 return None
             log.warning("%s: its %s died: activating it again", where.spec, backend.name)
             _deactivate(att, where, backend)
+        host.free_nbd_device()  # refused before anything is set up: both need one
         try:
             if read_only:  # no writer to exclude, and none excluded
                 _open(att, where, backend, True)

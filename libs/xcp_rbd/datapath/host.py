@@ -84,23 +84,48 @@ def tapdisk_destroy(tapdisk):
     _run(["tap-ctl", "destroy"] + _tap_args(tapdisk))
 
 
-def _free_nbd_device():
-    """The first /dev/nbdN with no client connected (no pid in sysfs)."""
-    block = os.path.join(os.environ.get("XCP_RBD_SYSFS", "/sys"), "block")  # tests move it
+def _sysfs(*path):
+    return os.path.join(os.environ.get("XCP_RBD_SYSFS", "/sys"), *path)  # tests move it
+
+
+def free_nbd_device():
+    """The first /dev/nbdN with no client connected (no pid in sysfs), None while
+    the nbd module is not loaded (rbd-nbd's first map loads it), or a clear error:
+    the module makes nbds_max devices when it loads (16 by default), shared with
+    xapi's own nbd-client users, and no more."""
+    if not os.path.isdir(_sysfs("module", "nbd")):
+        return None
+    names = _nbd_devices()
+    for name in names:
+        if not os.path.exists(_sysfs("block", name, "pid")):
+            return "/dev/" + name
+    raise NoNbdDevice(len(names))
+
+
+def _nbd_devices():
+    block = _sysfs("block")
     names = [name for name in os.listdir(block) if re.match(r"nbd\d+$", name)] \
         if os.path.isdir(block) else []
-    for name in sorted(names, key=lambda name: int(name[3:])):
-        if not os.path.exists(os.path.join(block, name, "pid")):
-            return "/dev/" + name
-    raise protocol.failure(
-        "No_nbd_device", "no free /dev/nbdN among %d (modprobe nbd nbds_max=<more>)"
-        % len(names))
+    return sorted(names, key=lambda name: int(name[3:]))
+
+
+class NoNbdDevice(protocol.StorageError):
+    def __init__(self, count):
+        super(NoNbdDevice, self).__init__([
+            "No_nbd_device", "all %d NBD devices of this host (/dev/nbd*) are in use: the "
+            "nbd module makes nbds_max of them when it loads. Give it more with "
+            "'options nbd nbds_max=128' in /etc/modprobe.d/nbd.conf, then reload it "
+            "while no NBD device is in use (modprobe -r nbd; modprobe nbd) or reboot"
+            % count])
 
 
 def nbd_connect(socket_path, export):
     """A dom0 block device on an NBD export served on a unix socket."""
     with state.host_lock("nbd"):
-        device = _free_nbd_device()
+        device = free_nbd_device()
+        if device is None:
+            raise protocol.failure("No_nbd_device", "the nbd kernel module is not loaded: "
+                                   "modprobe nbd nbds_max=128")
         _run(["nbd-client", "-unix", socket_path, device, "-name", export,
               "-block-size", "512"])
     return device
@@ -114,8 +139,14 @@ def rbd_nbd_map(spec, options, read_only):
     """`rbd-nbd map`: a daemon of its own opens the image; returns /dev/nbdN."""
     # The host lock keeps rbd-nbd from choosing a device nbd_connect is choosing.
     with state.host_lock("nbd"):
-        out = _run(["rbd-nbd", "map"] + options + (["--read-only"] if read_only else [])
-                   + [spec])
+        free_nbd_device()
+        try:
+            out = _run(["rbd-nbd", "map"] + options
+                       + (["--read-only"] if read_only else []) + [spec])
+        except protocol.StorageError as exc:
+            if "failed to find unused device" in exc.params[-1]:  # taken meanwhile
+                raise NoNbdDevice(len(_nbd_devices()))
+            raise
     return out.splitlines()[-1].strip()
 
 
