@@ -11,10 +11,11 @@ import threading
 import time
 
 import pytest
+import rbd
 
 from xcp_rbd import gc, metadata
 from xcp_rbd.attached import open_sr
-from xcp_rbd.location import VolumeLocation
+from xcp_rbd.location import SrLocation, VolumeLocation
 
 MiB = 1 << 20
 
@@ -336,3 +337,22 @@ def test_killed_creates_leave_nothing_after_collection(xapi, sr_uuid, sr, plugin
                 break
             time.sleep(3)
         assert set(attached.images()) == listed
+
+
+def test_a_directory_entry_without_header_is_collected(xapi, sr_uuid, sr, image_io):
+    """What a create killed inside librbd can leave: the image's directory entry and
+    id, no header. In the SR's own namespace it is the SR's, and goes."""
+    disk = xapi.vdi_create(sr_uuid, "4M")
+    where = SrLocation.parse(sr)
+    ioctx = image_io.handle.open_ioctx(where.pool)
+    ioctx.set_namespace(where.namespace)
+    try:
+        rbd.RBD().create(ioctx, "cut-short", 4 << 20)
+        with rbd.Image(ioctx, "cut-short") as image:
+            header = "rbd_header." + image.id()
+        ioctx.remove_object(header)
+        assert "cut-short" in rbd.RBD().list(ioctx)
+        collect(sr, full=True)
+        assert sorted(rbd.RBD().list(ioctx)) == [disk["key"]]
+    finally:
+        ioctx.close()

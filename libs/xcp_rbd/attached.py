@@ -69,12 +69,16 @@ class Sr(object):
             self.index.write({metadata.usage_field(key): metadata.dumps(
                 {"bytes": usage, "at": int(time.time())})})
 
+    def owns_namespace(self):
+        """Whether the SR made its namespace for itself: then all in it is the SR's."""
+        if self._owns_namespace is None:
+            self._owns_namespace = bool(self.record().get("namespace_owned"))
+        return self._owns_namespace
+
     def owns(self, image):
         """Whether an open image belongs to this SR: everything in a namespace the SR
         made for itself does; elsewhere only what carries the SR's back-pointer."""
-        if self._owns_namespace is None:
-            self._owns_namespace = bool(self.record().get("namespace_owned"))
-        if self._owns_namespace:
+        if self.owns_namespace():
             return True
         try:
             return image.metadata_get(metadata.META_SR) == self.location.sr_uuid

@@ -190,9 +190,12 @@ class Collector(object):
                 name = entry["name"]
                 if name in live and not self.full:
                     continue  # the common case: a disk in use, nothing to reclaim
-                if name in live or name in snapshots or self.is_ours(name):
-                    self.keep_lock()
+                self.keep_lock()
+                ours = name in live or name in snapshots or self.is_ours(name)
+                if ours:
                     self.collect_image(name)
+                elif ours is None and self.sr.owns_namespace():
+                    self.collect_headless(name)
             self.collect_trash()
             self.collect_index()
             self.run_jobs()
@@ -225,11 +228,30 @@ class Collector(object):
             self.actions.append("measured the usage of %d volumes" % refreshed)
 
     def is_ours(self, name):
+        """Whether image `name` is this SR's; None if it cannot be opened (a create
+        killed inside librbd leaves a directory entry with no header)."""
         try:
             with self.sr.image(name, read_only=True) as image:
                 return self.sr.owns(image)
         except rbd.ImageNotFound:
-            return False
+            return None
+
+    def collect_headless(self, name):
+        """Remove what a create cut short left of image `name` in the SR's own
+        namespace (librbd's remove takes a directory entry without a header), unless
+        its create still holds the image's lock."""
+        lock = self.sr.image_lock(name)
+        if not lock.try_acquire():
+            return
+        try:
+            self.sr.rbd.remove(self.sr.ioctx, name)
+            self.actions.append("removed what a cut-short create left of image %s" % name)
+        except rbd.ImageNotFound:
+            pass
+        except (rbd.ImageBusy, rbd.ImageHasSnapshots, rbd.Timeout) as exc:
+            log.info("remains of image %s not removable yet: %s", name, exc)
+        finally:
+            lock.release()
 
     def collect_image(self, name):
         lock = self.sr.image_lock(name)
