@@ -354,5 +354,13 @@ def test_a_directory_entry_without_header_is_collected(xapi, sr_uuid, sr, image_
         assert "cut-short" in rbd.RBD().list(ioctx)
         collect(sr, full=True)
         assert sorted(rbd.RBD().list(ioctx)) == [disk["key"]]
+        # and an image that cannot be opened but has its header is not touched
+        rbd.RBD().create(ioctx, "no-parent-now", 4 << 20)
+        with open_sr(sr) as attached:
+            collector = gc.Collector(attached, attached.index.lock(gc.GC_LOCK), True)
+            with rbd.Image(ioctx, "no-parent-now") as image:
+                collector.collect_headless("no-parent-now", image.id())
+        assert "no-parent-now" in rbd.RBD().list(ioctx)
+        rbd.RBD().remove(ioctx, "no-parent-now")
     finally:
         ioctx.close()

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+import rados
 import rbd
 
 from xcp_rbd import log, metadata, protocol
@@ -62,14 +63,20 @@ def release_image(sr, name):
     """The writable volume on image `name` was destroyed (caller holds its lock).
 
     Without snapshots the image goes to the trash now (constant time; the
-    collector removes it); with snapshots it stays, hidden, for them."""
+    collector removes it); with snapshots it stays, hidden, for them. An image that
+    another client has open (a collector measuring it, on clients whose read-only
+    opens watch the image) is left to the collector, which trashes what no record
+    references: the destroy itself is done once the record is gone."""
     try:
         with sr.image(name) as image:
             has_snapshots = bool(_user_snapshots(image))
+        if not has_snapshots:
+            sr.rbd.trash_move(sr.ioctx, name, 0)
     except rbd.ImageNotFound:
         return
-    if not has_snapshots:
-        sr.rbd.trash_move(sr.ioctx, name, 0)
+    except rbd.ImageBusy as exc:
+        log.info("image %s is open elsewhere (%s): the collector trashes it", name, exc)
+        start(sr)
 
 
 def release_snapshot(sr, name, snap):
@@ -195,7 +202,7 @@ class Collector(object):
                 if ours:
                     self.collect_image(name)
                 elif ours is None and self.sr.owns_namespace():
-                    self.collect_headless(name)
+                    self.collect_headless(name, entry.get("id"))
             self.collect_trash()
             self.collect_index()
             self.run_jobs()
@@ -236,14 +243,23 @@ class Collector(object):
         except rbd.ImageNotFound:
             return None
 
-    def collect_headless(self, name):
+    def collect_headless(self, name, image_id):
         """Remove what a create cut short left of image `name` in the SR's own
-        namespace (librbd's remove takes a directory entry without a header), unless
-        its create still holds the image's lock."""
+        namespace: a directory entry whose header object does not exist (librbd's
+        remove takes it), unless its create still holds the image's lock. An image
+        that failed to open for another reason (a clone whose parent was going away
+        at that moment) has its header, and is left alone."""
+        if not image_id:
+            return
         lock = self.sr.image_lock(name)
         if not lock.try_acquire():
             return
         try:
+            try:
+                self.sr.ioctx.stat("rbd_header." + image_id)
+                return  # a real image: not for this
+            except rados.ObjectNotFound:
+                pass
             self.sr.rbd.remove(self.sr.ioctx, name)
             self.actions.append("removed what a cut-short create left of image %s" % name)
         except rbd.ImageNotFound:
