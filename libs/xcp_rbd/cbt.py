@@ -41,7 +41,7 @@ import zlib
 
 import rbd
 
-from xcp_rbd import ceph_client, gc, log, object_checksums, protocol
+from xcp_rbd import ceph_client, gc, log, protocol
 from xcp_rbd.attached import open_sr
 from xcp_rbd.metadata import volume_field
 
@@ -297,7 +297,8 @@ def _rbd_changed(sr, name, from_snap, target, start, end):
     bits = 0
     with sr.image(name, snapshot=target["snap"], read_only=True) as image:
         trusted = _object_map_limit(image, from_snap, target["snap"])
-        object_size = image.stat()["obj_size"]
+        info = image.stat()
+        object_size = info["obj_size"]
         ends = {}  # object number -> where RBD's last extent in it ends, in the object
         for chunk in range(start - start % GRANULARITY, end, _CHUNK):
             stop = min(end, chunk + _CHUNK)
@@ -318,11 +319,11 @@ def _rbd_changed(sr, name, from_snap, target, start, end):
             bits |= _pack(marks) << (chunk // GRANULARITY)
             protocol.arm_watchdog(3 * sr.location.cluster.timeout + 5,
                                   "%s did not answer a diff" % sr.location.cluster.describe())
-        return _without_unwritten(sr, name, image, from_snap, target["snap"], bits, ends,
-                                  start, min(end, trusted))
+        return _without_unwritten(sr, name, image, info, from_snap, target["snap"], bits,
+                                  ends, start, min(end, trusted))
 
 
-def _without_unwritten(sr, name, image, from_snap, to_snap, bits, ends, start, end):
+def _without_unwritten(sr, name, image, info, from_snap, to_snap, bits, ends, start, end):
     """`bits` without the blocks of [start, end) that RBD reports only because their
     object is new: RBD reports an object that did not exist at from_snap from its
     start to its end (`ends`: where its reported extents end, its size then), so a
@@ -333,7 +334,6 @@ def _without_unwritten(sr, name, image, from_snap, to_snap, bits, ends, start, e
     bitmap is never wrong, only slower to back up)."""
     if end <= start or not ends or _has_parent(image):
         return bits
-    info = image.stat()
     per_object = info["obj_size"] // GRANULARITY
     existed = set()
     if from_snap is not None:
@@ -347,6 +347,7 @@ def _without_unwritten(sr, name, image, from_snap, to_snap, bits, ends, start, e
            and start < (number + 1) * info["obj_size"] and number * info["obj_size"] < end}
     if not new:
         return bits
+    from xcp_rbd import object_checksums  # ctypes: only diffs with new objects pay
     where = sr.location
     try:
         with object_checksums.ObjectChecksums(where.cluster, where.pool,

@@ -29,7 +29,6 @@ operating on the same ioctx meanwhile must give the index an ioctx of its own.
 """
 
 import errno
-import subprocess
 import sys
 import threading
 
@@ -168,6 +167,7 @@ def _loaded(library):
 
 def _origin(path):
     """`path (package version)`, from the host's package manager when it knows."""
+    import subprocess  # only diagnostics pay for it
     for query in (["rpm", "-qf", "--qf", "%{NAME} %{VERSION}-%{RELEASE}", path],
                   ["dpkg-query", "-S", path]):
         try:

@@ -29,7 +29,6 @@ import rbd
 
 from xcp_rbd import log, metadata, protocol
 from xcp_rbd.attached import USAGE_REFRESH, open_sr
-from xcp_rbd.metadata import volume_field
 
 GC_LOCK = "gc"
 GC_LEASE = 60
