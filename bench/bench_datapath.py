@@ -1,6 +1,14 @@
 #!/usr/bin/env python3
 """Datapath benchmark: fio through the qemu backend's NBD export against fio
-straight on librbd, same cluster, same image, same run.
+straight on librbd, same cluster, same image, same run; then the downtime a
+storage migration's mirror adds at Datapath.deactivate, on both backends.
+
+Paths: this machine runs one of the VM's I/O paths for real, the qemu
+backend's NBD export (qemu-storage-daemon's rbd driver). The default path of
+an 8.3 host, tapdisk on rbd-nbd's kernel device, needs Xen, blktap and kernel
+NBD, none of which exists here: the stand-ins (tests/standins) are Python
+models of its behaviour, and their speed says nothing about it. It is not
+measured; neither is tapdisk's own NBD export (the rbd-nbd SRs' `Nbd`).
 
 For each workload (sequential 1 MiB read and write at queue depth 16, random
 4 KiB read and write at queue depth 32) and each round, the installed datapath
@@ -19,7 +27,16 @@ Also prints the times of attach + activate and deactivate (twice) + detach:
 script runs as xapi-storage-script does them, tap-ctl and nbd-client being
 FakeHost's stand-ins (tests/hosts.py).
 
-Run (a one-node cluster of its own, about five minutes):
+Mirror hand-over: a writer (64 KiB writes, one at a time) runs on the
+volume's export while Data.mirror copies it to a qemu-nbd target (a raw file);
+once Data.stat says complete, the writer stops (the VM pauses) and
+Datapath.deactivate ends the mirror. The downtime is from the writer's last
+acknowledged write until deactivate returns with the target complete, next to
+the same with no mirror. qemu: its mirror job (write-blocking), for real.
+rbd-nbd: tapdisk's mirror mode through our relay, tapdisk being the stand-in
+(the relay and its copy are ours and real; tapdisk's part is modelled).
+
+Run (a one-node cluster of its own, about six minutes):
     .venv/bin/python bench/bench_datapath.py [--runtime 5] [--rounds 3] [--size 1G]
 """
 
@@ -164,7 +181,83 @@ def run(args, work):
                     down.append(timed(unplug, xapi, uri)[0])
                 direct = fio(rbd_engine, rw, bs, depth, args.size, args.runtime, rbd_env)
                 results[name].append((through_nbd, simple, direct))
-    report(results, up, down)
+        report(results, up, down)
+        handovers(xapi, cluster, work, args.rounds)
+
+
+MIRROR_SIZE = 256 << 20
+
+
+def handovers(xapi, cluster, work, rounds):
+    """The mirror hand-over table (see the module's doc)."""
+    config = {"pool": cluster.pool, "conf": cluster.conf, "user": cluster.user,
+              "keyring": cluster.keyring}
+    print("\n| backend | deactivate ending a mirror in sync (downtime) | deactivate, "
+          "no mirror | rounds |")
+    print("|---|---|---|---|")
+    for backend in ("qemu", "rbd-nbd"):
+        sr = xapi.sr_create(dict(config, datapath=backend), name=backend)
+        with_mirror, without = [], []
+        for _ in range(rounds):
+            with_mirror.append(handover(xapi, sr, work, mirrored=True))
+            without.append(handover(xapi, sr, work, mirrored=False))
+        print("| %s | median %.0f ms, max %.0f ms | median %.0f ms | %d |" % (
+            backend, statistics.median(with_mirror) * 1000, max(with_mirror) * 1000,
+            statistics.median(without) * 1000, rounds))
+        xapi.sr_destroy(sr)
+
+
+def handover(xapi, sr, work, mirrored):
+    """Seconds from the writer's last acknowledged write to deactivate's return."""
+    import threading
+    import nbd
+    vdi = xapi.vdi_create(sr, "%dM" % (MIRROR_SIZE >> 20))
+    uri = vdi["uri"][0]
+    backend = plug(xapi, uri)
+    [nbd_uri] = [impl[1]["uri"] for impl in backend["implementations"] if impl[0] == "Nbd"]
+    socket_path, export = nbd_uri[len("nbd:unix:"):].split(":exportname=")
+    stop, last = threading.Event(), [0.0]
+
+    def write():
+        handle = nbd.NBD()
+        handle.set_export_name(export)
+        handle.connect_unix(socket_path)
+        chooser, block = random.Random(0), bytes(64 << 10)
+        while not stop.is_set():
+            handle.pwrite(block, chooser.randrange(MIRROR_SIZE // len(block)) * len(block))
+            last[0] = time.perf_counter()
+        handle.shutdown()
+
+    target = os.path.join(work, "target.raw")
+    with open(target, "wb") as stream:
+        stream.truncate(MIRROR_SIZE)
+    target_socket = os.path.join(work, "target.sock")
+    server = subprocess.Popen(["qemu-nbd", "--format=raw", "--persistent",
+                               "--export-name=target", "--socket=" + target_socket, target])
+    writer = threading.Thread(target=write)
+    try:
+        while not os.path.exists(target_socket):
+            time.sleep(0.01)
+        writer.start()
+        time.sleep(0.5)
+        if mirrored:
+            operation = xapi.datapath("Data.mirror", uri=uri, domain="1",
+                                      remote="nbd+unix:///target?socket=" + target_socket)
+            while not xapi.datapath("Data.stat", operation=operation)["complete"]:
+                time.sleep(0.1)
+            time.sleep(1)  # writes mirrored in sync
+        stop.set()
+        writer.join()
+        xapi.datapath("Datapath.deactivate", uri=uri, domain="1")
+        downtime = time.perf_counter() - last[0]
+    finally:
+        stop.set()
+        unplug(xapi, uri)
+        server.kill()
+        server.wait()
+        os.unlink(target)
+    xapi.vdi_destroy(sr, vdi["key"])
+    return downtime
 
 
 def plug(xapi, uri):

@@ -26,6 +26,24 @@ from install_tree import install as install_tree  # noqa: E402
 from hosts import FakeHost, simulated_host  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="also the tests marked long (scripts/test --long)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long: too long for CI; run by scripts/test --long")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long: scripts/test --long runs it")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """The test cluster: started here, or the one XCP_RBD_TEST_CLUSTER names (the
@@ -35,6 +53,14 @@ def cluster(tmp_path_factory):
         yield LocalCluster.attach(started_elsewhere)
         return
     with LocalCluster(str(tmp_path_factory.mktemp("ceph"))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def fragile_cluster(tmp_path_factory):
+    """A cluster of the module's own, for tests that freeze and stop its daemons:
+    the shared one stays as it was."""
+    with LocalCluster(str(tmp_path_factory.mktemp("fragile"))) as running:
         yield running
 
 
@@ -185,6 +211,15 @@ def host_b(xapi, fake_host):
 
 
 @pytest.fixture
+def short_watch_timeout(cluster):
+    """Ceph drops the watch of a dead client after 10 s instead of 30 (still above
+    the 5 s at which live clients ping their watches)."""
+    cluster.ceph("config", "set", "osd", "osd_client_watch_timeout", "10")
+    yield 10
+    cluster.ceph("config", "rm", "osd", "osd_client_watch_timeout")
+
+
+@pytest.fixture
 def qemu_sr(xapi, device_config):
     """A fresh SR whose datapath is the qemu backend (skipped where no qemu opens
     RBD images, as on XCP-ng 8.3 and in the old-client root)."""
@@ -193,3 +228,9 @@ def qemu_sr(xapi, device_config):
     sr_uuid = xapi.sr_create(dict(device_config, datapath="qemu"), name="qemu SR")
     yield sr_uuid
     xapi.sr_destroy(sr_uuid)
+
+
+@pytest.fixture(params=["rbd-nbd", "qemu"])
+def backend_sr(request, sr_uuid):
+    """An SR of each datapath backend (qemu: skipped where no qemu opens RBD)."""
+    return sr_uuid if request.param == "rbd-nbd" else request.getfixturevalue("qemu_sr")

@@ -1,11 +1,11 @@
 """Simulated XCP-ng hosts, shared by the datapath tests and benchmarks.
 
-- `FakeHost` puts stand-ins for tap-ctl, nbd-client and rbd-nbd (the host
-  boundary, xcp_rbd.datapath.host: they need Xen or kernel NBD, which this
-  machine has not) first on PATH, and a sysfs for their /dev/nbdN: each records
-  its command line and keeps the state the real tool keeps. The rbd-nbd
-  stand-in even opens the image with librbd in a daemon of its own, as rbd-nbd
-  does, so the activation lock sees a real client.
+- `FakeHost` puts the stand-ins of tests/standins (tap-ctl and tapdisk,
+  rbd-nbd, nbd-client, systemd-run: the host boundary, xcp_rbd.datapath.host,
+  which needs Xen, kernel NBD and systemd, which this machine has not) first on
+  PATH, with the world they keep their state in. They serve the data for real:
+  a VM's reads and writes go through tapdisk's NBD socket, the kernel model
+  and rbd-nbd's librbd (or qemu's), and each records its command line.
 - `Host` is one host's identity (XCP_RBD_HOST_UUID) and state directory
   (XCP_RBD_RUN_DIR): two of them drive the same cluster as two hosts.
 - NBD helpers reach the exports the datapath hands to XAPI with libnbd.
@@ -17,124 +17,66 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
 import nbd
 
-# tap-ctl and nbd-client (by the name they run as): shell, fast as the real ones.
-FAKE_SHELL_TOOL = r'''#!/bin/sh
-tool=${0##*/}
-line="[\"$tool\""
-for arg in "$@"; do line="$line, \"$arg\""; done
-echo "$line]" >> "$XCP_RBD_FAKE_DIR/journal"
-count() {  # a counter file, under flock: prints the value, then increments it
-    (flock 9; n=$(cat "$XCP_RBD_FAKE_DIR/$1" 2>/dev/null || echo 0)
-     echo $((n + 1)) > "$XCP_RBD_FAKE_DIR/$1"; echo "$n") 9>> "$XCP_RBD_FAKE_DIR/$1.lock"
-}
-case "$tool $1" in
-    "tap-ctl spawn") echo $((40000 + $(count tapdisk))) ;;
-    "tap-ctl allocate") echo "/dev/xen/blktap-2/tapdev$(count minor)" ;;
-    "nbd-client -d") rm "$XCP_RBD_SYSFS/block/${2##*/}/pid" ;;
-    nbd-client*)
-        pid="$XCP_RBD_SYSFS/block/${3##*/}/pid"
-        if [ -e "$pid" ]; then echo "$3 is busy" >&2; exit 1; fi
-        echo 1 > "$pid" ;;
-esac
-'''
-
-# rbd-nbd: map starts a daemon that opens the image, as rbd-nbd does.
-FAKE_RBD_NBD = r'''#!%(python)s -S
-import json, os, signal, subprocess, sys, time
-FAKE, SYS = os.environ["XCP_RBD_FAKE_DIR"], os.environ["XCP_RBD_SYSFS"]
-args = sys.argv[1:]
-HOLDER = %(holder)r
-with open(os.path.join(FAKE, "journal"), "a") as journal:
-    journal.write(json.dumps(["rbd-nbd"] + args) + "\n")
-
-def pid_file(device):
-    return os.path.join(SYS, "block", os.path.basename(device), "pid")
-
-def free_device():
-    for name in sorted(os.listdir(os.path.join(SYS, "block")), key=lambda n: int(n[3:])):
-        if not os.path.exists(pid_file(name)):
-            return "/dev/" + name
-    # as rbd-nbd.cc's try_ioctl_setup says it, and main's EXIT_FAILURE
-    sys.stderr.write("rbd-nbd: failed to find unused device\n")
-    sys.exit(1)
-
-if args[0] == "map":
-    options = dict(zip(args[1:-1:2], args[2:-1:2]))
-    device = free_device()
-    holder = subprocess.Popen(
-        ["%(python)s", "-c", HOLDER, options["-c"], options["--id"], options["--keyring"],
-         args[-1]], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
-    if holder.stdout.readline() != b"ready\n":
-        sys.exit("cannot open %%s" %% args[-1])
-    with open(pid_file(device), "w") as f:
-        f.write(str(holder.pid))
-    print(device)
-elif args[0] == "unmap":
-    with open(pid_file(args[1])) as f:
-        pid = int(f.read())
-    os.kill(pid, signal.SIGTERM)
-    while os.path.exists("/proc/%%d" %% pid) and "Z" not in open(
-            "/proc/%%d/stat" %% pid).read().rpartition(")")[2].split()[:1]:
-        time.sleep(0.01)
-    os.unlink(pid_file(args[1]))
-'''
-
-# rbd-nbd's daemon, as far as Ceph sees it: a client with the image open.
-HOLDER = r'''
-import signal, sys, rados, rbd
-conf, user, keyring, spec = sys.argv[1:]
-pool, namespace, image = spec.split("/")
-handle = rados.Rados(conffile=conf, rados_id=user, conf={"keyring": keyring})
-handle.connect()
-ioctx = handle.open_ioctx(pool)
-ioctx.set_namespace(namespace)
-opened = rbd.Image(ioctx, image)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-print("ready", flush=True)
-try:
-    signal.pause()
-finally:
-    opened.close()
-    ioctx.close()
-    handle.shutdown()
-'''
+TESTS = os.path.dirname(os.path.abspath(__file__))
+LIBS = os.path.join(os.path.dirname(TESTS), "libs")
+LAUNCHER = """#!%(python)s
+import sys
+sys.path[:0] = [%(tests)r, %(libs)r]
+from standins import %(module)s
+sys.exit(%(module)s.main(%(args)s))
+"""
+# tool on PATH -> (stand-in module, what its main takes)
+STANDINS = {"tap-ctl": ("tap_ctl", "sys.argv[1:]"), "tapdisk": ("tapdisk", ""),
+            "rbd-nbd": ("rbd_nbd", "sys.argv[1:]"),
+            "nbd-client": ("nbd_client", "sys.argv[1:]"),
+            "systemd-run": ("systemd_run", "sys.argv[1:]")}
+CGROUP_ROOT = "/sys/fs/cgroup/systemd"  # cgroup v1 name=systemd, as on EL7
 
 
 class FakeHost(object):
-    """tap-ctl, nbd-client and rbd-nbd stand-ins, and a sysfs with /dev/nbd0..N-1."""
+    """The stand-ins of tests/standins on PATH, with their world: a sysfs with
+    /dev/nbd0..N-1, /run/blktap-control, a systemd that is running, and the root
+    of a name=systemd hierarchy of the test's own (XCP_RBD_FAKE_CGROUP)."""
 
     def __init__(self, directory, nbd_devices=16):
         self.directory = directory
         self.bin = os.path.join(directory, "bin")
         self.sysfs = os.path.join(directory, "sys")
-        os.makedirs(self.bin)
+        # Sockets live here: pytest's directories are too deep for their paths.
+        self.run = tempfile.mkdtemp(prefix="xcp-rbd-fake-")
+        self.blktap_control = os.path.join(self.run, "blktap-control")
+        self.systemd_runtime = os.path.join(self.run, "systemd", "system")
+        self.cgroup = os.path.join(CGROUP_ROOT, os.path.basename(self.run))
+        for path in (self.bin, self.blktap_control, self.systemd_runtime, self.cgroup):
+            os.makedirs(path)
         for index in range(nbd_devices):
             os.makedirs(os.path.join(self.sysfs, "block", "nbd%d" % index))
         parameters = os.path.join(self.sysfs, "module", "nbd", "parameters")
         os.makedirs(parameters)   # the module is loaded, with this many devices
         with open(os.path.join(parameters, "nbds_max"), "w") as stream:
             stream.write("%d\n" % nbd_devices)
-        for names, text in ((("tap-ctl", "nbd-client"), FAKE_SHELL_TOOL),
-                            (("rbd-nbd",), FAKE_RBD_NBD % {"python": sys.executable,
-                                                           "holder": HOLDER})):
-            path = os.path.join(self.bin, names[0])
+        for tool, (module, args) in STANDINS.items():
+            path = os.path.join(self.bin, tool)
             with open(path, "w") as stream:
-                stream.write(text)
+                stream.write(LAUNCHER % {"python": sys.executable, "tests": TESTS,
+                                         "libs": LIBS, "module": module, "args": args})
             os.chmod(path, 0o755)
-            for name in names[1:]:
-                os.symlink(names[0], os.path.join(self.bin, name))
 
     def environ(self):
         return {"PATH": self.bin + os.pathsep + os.environ["PATH"],
-                "XCP_RBD_SYSFS": self.sysfs, "XCP_RBD_FAKE_DIR": self.directory}
+                "XCP_RBD_SYSFS": self.sysfs, "XCP_RBD_FAKE_DIR": self.directory,
+                "XCP_RBD_FAKE_RUN": self.run, "XCP_RBD_BLKTAP_CONTROL": self.blktap_control,
+                "XCP_RBD_SYSTEMD_RUNTIME": self.systemd_runtime,
+                "XCP_RBD_FAKE_CGROUP": self.cgroup}
 
     def commands(self):
         """Every command run so far: [tool, arg, ...] lists, in order."""
@@ -145,24 +87,59 @@ class FakeHost(object):
             return []
 
     def connected(self):
-        """{/dev/nbdN: pid file content} of the devices in use."""
+        """{/dev/nbdN: pid of its client} of the devices in use."""
         block = os.path.join(self.sysfs, "block")
         found = {}
         for name in os.listdir(block):
             path = os.path.join(block, name, "pid")
             if os.path.exists(path):
                 with open(path) as stream:
-                    found["/dev/" + name] = stream.read()
+                    found["/dev/" + name] = int(stream.read())
         return found
 
+    def log(self):
+        """What the stand-ins logged (the kernel's messages, rbd-nbd's errors)."""
+        try:
+            with open(os.path.join(self.directory, "log")) as stream:
+                return stream.read()
+        except IOError:
+            return ""
+
+    def tapdisks(self):
+        """The pids of the tapdisks running."""
+        return sorted(int(name[3:]) for name in os.listdir(self.blktap_control)
+                      if name.startswith("ctl") and name[3:].isdigit())
+
+    def cgroup_of(self, pid):
+        """The cgroup of `pid` in the name=systemd hierarchy, relative to the test's
+        root, or None for one outside it."""
+        with open("/proc/%d/cgroup" % pid) as stream:
+            for line in stream:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "name=systemd":
+                    root = "/" + os.path.relpath(self.cgroup, CGROUP_ROOT)
+                    return os.path.relpath(path, root) if path.startswith(root) else None
+        return None
+
     def close(self):
-        """Stop the rbd-nbd stand-ins a failed test left mapped."""
-        for content in self.connected().values():
-            if int(content) > 1:
-                try:
-                    os.kill(int(content), signal.SIGKILL)
-                except OSError:
-                    pass
+        """Stop what a failed test left running, then remove its world."""
+        for pid in list(self.connected().values()) + self.tapdisks():
+            kill(pid)
+        for top, dirs, _ in os.walk(self.cgroup, topdown=False):
+            with open(os.path.join(top, "cgroup.procs")) as stream:
+                for pid in stream.read().split():
+                    kill(int(pid))
+        for top, dirs, _ in os.walk(self.cgroup, topdown=False):
+            until("the cgroup %s to empty" % top, lambda: _rmdir(top), bound=10)
+        shutil.rmtree(self.run)
+
+
+def _rmdir(path):
+    try:
+        os.rmdir(path)
+        return True
+    except OSError:
+        return False
 
 
 class Host(object):
@@ -245,9 +222,13 @@ def nbd_export(backend):
     return match.group(1), match.group(2)
 
 
-@contextlib.contextmanager
 def nbd_client(backend):
-    socket_path, export = nbd_export(backend)
+    """A libnbd client on the export of a Datapath.attach result."""
+    return nbd_connection(*nbd_export(backend))
+
+
+@contextlib.contextmanager
+def nbd_connection(socket_path, export):
     handle = nbd.NBD()
     handle.set_export_name(export)
     handle.connect_unix(socket_path)
@@ -278,3 +259,93 @@ def until(what, check, bound=90):
 
 def blocklist(cluster):
     return cluster.ceph("osd", "blocklist", "ls")
+
+
+@contextlib.contextmanager
+def nbd_server(path, size=1 << 20):
+    """A bare NBD server on a unix socket (any export name, zeros, no writes): what
+    nbd-client's stand-in negotiates with. Yields the path."""
+    from xcp_rbd.datapath import nbd_wire
+
+    def serve(sock):
+        with sock:
+            try:
+                nbd_wire.serve_handshake(sock, size, nbd_wire.TRANSMISSION_READ_ONLY)
+            except (OSError, nbd_wire.NbdError):
+                pass
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+
+    def accept():
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(sock,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield path
+    finally:
+        listener.close()
+        os.unlink(path)
+
+
+def own_cgroup():
+    """This process' cgroup in the name=systemd hierarchy (a path from its root)."""
+    with open("/proc/self/cgroup") as stream:
+        for line in stream:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controllers == "name=systemd":
+                return path
+    raise AssertionError("no name=systemd hierarchy here")
+
+
+@contextlib.contextmanager
+def toolstack_unit(fake_host):
+    """Calls made inside run in a cgroup that stands for xapi-storage-script.service
+    (the scripts inherit it, as the daemon's children do); yields its directory."""
+    unit = os.path.join(fake_host.cgroup, "system.slice", "xapi-storage-script.service")
+    os.makedirs(unit, exist_ok=True)
+    home = os.path.join(CGROUP_ROOT, own_cgroup().lstrip("/"))
+    with open(os.path.join(unit, "cgroup.procs"), "w") as stream:
+        stream.write(str(os.getpid()))
+    try:
+        yield unit
+    finally:
+        with open(os.path.join(home, "cgroup.procs"), "w") as stream:
+            stream.write(str(os.getpid()))
+
+
+def kill_unit(unit):
+    """What systemd does to a unit with the default KillMode=control-group when it
+    stops: SIGTERM to every process in its cgroup, SIGKILL to what is left after
+    the stop timeout (shortened). Returns the pids it found."""
+    def pids():
+        with open(os.path.join(unit, "cgroup.procs")) as stream:
+            return [int(pid) for pid in stream.read().split()]
+    found = pids()
+    for pid in found:
+        kill(pid, signal.SIGTERM)
+    deadline = time.time() + 5
+    while pids() and time.time() < deadline:
+        time.sleep(0.1)
+    for pid in pids():
+        kill(pid)
+    return found
+
+
+def tapdisk_export(attachment):
+    """(socket, export) of the NBD server of the attachment's tapdisk: how the VM's
+    I/O reaches the volume here (blkback's ring, on a host)."""
+    tapdisk = attachment["tapdisk"]
+    return os.path.join(os.environ["XCP_RBD_BLKTAP_CONTROL"],
+                        "nbd%d.%d" % (tapdisk["pid"], tapdisk["minor"])), "vm"
+
+
+def vm_disk(attachment):
+    """An NBD client on the attachment's tapdisk, standing for the VM."""
+    return nbd_connection(*tapdisk_export(attachment))

@@ -1,6 +1,7 @@
 """Snapshots at Ceph speed for life: revert by adoption, hidden images, the
 collector, chain depth, orphans."""
 
+import contextlib
 import json
 import os
 import random
@@ -339,14 +340,23 @@ def test_killed_creates_leave_nothing_after_collection(xapi, sr_uuid, sr, plugin
         assert set(attached.images()) == listed
 
 
-def test_a_directory_entry_without_header_is_collected(xapi, sr_uuid, sr, image_io):
-    """What a create killed inside librbd can leave: the image's directory entry and
-    id, no header. In the SR's own namespace it is the SR's, and goes."""
-    disk = xapi.vdi_create(sr_uuid, "4M")
+@contextlib.contextmanager
+def sr_ioctx(image_io, sr):
+    """An admin ioctx on the SR's pool and namespace (what librbd sees of the SR)."""
     where = SrLocation.parse(sr)
     ioctx = image_io.handle.open_ioctx(where.pool)
     ioctx.set_namespace(where.namespace)
     try:
+        yield ioctx
+    finally:
+        ioctx.close()
+
+
+def test_a_directory_entry_without_header_is_collected(xapi, sr_uuid, sr, image_io):
+    """What a create killed inside librbd can leave: the image's directory entry and
+    id, no header. In the SR's own namespace it is the SR's, and goes."""
+    disk = xapi.vdi_create(sr_uuid, "4M")
+    with sr_ioctx(image_io, sr) as ioctx:
         rbd.RBD().create(ioctx, "cut-short", 4 << 20)
         with rbd.Image(ioctx, "cut-short") as image:
             header = "rbd_header." + image.id()
@@ -362,5 +372,66 @@ def test_a_directory_entry_without_header_is_collected(xapi, sr_uuid, sr, image_
                 collector.collect_headless("no-parent-now", image.id())
         assert "no-parent-now" in rbd.RBD().list(ioctx)
         rbd.RBD().remove(ioctx, "no-parent-now")
-    finally:
-        ioctx.close()
+
+
+def test_a_trash_entry_without_header_is_collected(xapi, sr_uuid, sr, image_io):
+    """What a trash removal cut short after the header went leaves: an entry in the
+    trash that cannot be opened. In the SR's own namespace it goes."""
+    disk = xapi.vdi_create(sr_uuid, "4M")
+    with sr_ioctx(image_io, sr) as ioctx:
+        rbd.RBD().create(ioctx, "half-removed", 4 << 20)
+        with rbd.Image(ioctx, "half-removed") as image:
+            image_id = image.id()
+        rbd.RBD().trash_move(ioctx, "half-removed", 0)
+        ioctx.remove_object("rbd_header." + image_id)
+        assert [e["id"] for e in rbd.RBD().trash_list(ioctx)] == [image_id]
+        collect(sr, full=True)
+        assert list(rbd.RBD().trash_list(ioctx)) == []
+        assert rbd.RBD().list(ioctx) == [disk["key"]]
+    xapi.vdi_destroy(sr_uuid, disk["key"])
+
+
+def test_image_locks_leave_no_records_on_the_index(xapi, sr_uuid, sr, image_io):
+    """Every image lock's xattr on the SR's index object goes with its release, and
+    a full collection removes those that releases of earlier versions left (an
+    unlock keeps an empty one): none is left once the volumes are gone."""
+    index = metadata.index_object(SrLocation.parse(sr).sr_uuid)
+    with sr_ioctx(image_io, sr) as ioctx:
+        def lock_xattrs():
+            return sorted(name for name, _ in ioctx.get_xattrs(index)
+                          if name.startswith("lock.img."))
+        ioctx.lock_exclusive(index, "img.left-by-an-unlock", "old-version")
+        ioctx.unlock(index, "img.left-by-an-unlock", "old-version")
+        assert lock_xattrs() == ["lock.img.left-by-an-unlock"]
+        vdis = [xapi.vdi_create(sr_uuid, "4M") for _ in range(3)]
+        snapshot = xapi.vdi_snapshot(sr_uuid, vdis[0]["key"])
+        for vdi in [snapshot] + vdis:
+            xapi.vdi_destroy(sr_uuid, vdi["key"])
+        collect(sr, full=True)
+        assert lock_xattrs() == []
+
+
+def test_a_collection_longer_than_its_bound_runs_to_its_end(xapi, device_config, install,
+                                                             image_io):
+    """The watchdog follows the collector's progress, not its lease renewals: at
+    timeout 5 (a bound of 20 s) a removal that takes longer, with librbd reporting
+    progress object by object, ends, and so does the collector."""
+    from xcp_rbd import bounds
+    sr_uuid = xapi.sr_create(dict(device_config, timeout="5"), name="slow collection")
+    sr = xapi.sr(sr_uuid)
+    with sr_ioctx(image_io, sr) as ioctx:
+        rbd.RBD().create(ioctx, "many-objects", 512 * MiB, order=12)  # 4 KiB objects
+        with rbd.Image(ioctx, "many-objects") as image:
+            for offset in range(0, 512 * MiB, 4 * MiB):
+                image.write(b"x" * 4 * MiB, offset)  # 131 072 objects to remove
+    library = os.path.join(install, "lib", "xcp-rbd", "python")
+    started = time.time()
+    collector = subprocess.run([sys.executable, "-m", "xcp_rbd.gc", sr], env=dict(
+        os.environ, PYTHONPATH=library), stdout=subprocess.PIPE, timeout=600)
+    took = time.time() - started
+    assert collector.returncode == 0, collector.stdout
+    with open_sr(sr) as attached:
+        assert attached.images() == [] and list(attached.rbd.trash_list(attached.ioctx)) == []
+    xapi.sr_destroy(sr_uuid)
+    if took <= bounds.call(5):
+        pytest.skip("the collection took %.0f s only: not longer than its bound" % took)

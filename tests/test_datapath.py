@@ -27,15 +27,6 @@ def pattern(seed, size):
     return random.Random(seed).randbytes(size)
 
 
-@pytest.fixture
-def short_watch_timeout(cluster):
-    """Ceph drops the watch of a dead client after 10 s instead of 30 (still above
-    the 5 s at which live clients ping their watches)."""
-    cluster.ceph("config", "set", "osd", "osd_client_watch_timeout", "10")
-    yield 10
-    cluster.ceph("config", "rm", "osd", "osd_client_watch_timeout")
-
-
 def refusal(host, command, uri, domain):
     """The params of the error that `command` fails with."""
     try:
@@ -51,7 +42,8 @@ def test_install_has_one_link_per_command(plugin_root, xapi):
     links = {name for name in os.listdir(directory)
              if os.path.islink(os.path.join(directory, name))}
     assert links == set(COMMANDS) == {
-        "Plugin.Query", "Datapath.attach", "Datapath.activate", "Datapath.activate_readonly",
+        "Plugin.Query", "Plugin.diagnostics", "Datapath.attach", "Datapath.activate",
+        "Datapath.activate_readonly",
         "Datapath.deactivate", "Datapath.detach", "Data.mirror", "Data.stat"}
     query = xapi.datapath("Plugin.Query")
     assert query["plugin"] == "rbd+tapdisk" and query["required_api_version"] == "5.0"

@@ -12,10 +12,19 @@ import os
 import pytest
 
 from conftest import new_uuid
+from hosts import alive, nbd_server, until
 
 
 def _since(host, mark):
     return host.commands()[mark:]
+
+
+def _scoped(command, role):
+    """The command inside `systemd-run --scope` (a data process), and its unit."""
+    assert command[:3] == ["systemd-run", "--scope", "--slice=vm.slice"]
+    unit = command[3].split("=", 1)[1]
+    assert unit.startswith("xcp-rbd-%s-" % role)
+    return command[command.index("--") + 1:], unit
 
 
 def test_rbd_nbd_lifecycle_runs_these_commands(xapi, sr_uuid, fake_host, cluster):
@@ -26,25 +35,30 @@ def test_rbd_nbd_lifecycle_runs_these_commands(xapi, sr_uuid, fake_host, cluster
     assert "backend=rbd-nbd" in uri
     mark = len(fake_host.commands())
     backend = xapi.datapath("Datapath.attach", uri=uri, domain="7")
-    spawn, allocate, attach = _since(fake_host, mark)  # attach maps nothing
-    assert spawn == ["tap-ctl", "spawn"] and allocate == ["tap-ctl", "allocate"]
+    scoped_spawn, spawn, allocate, attach = _since(fake_host, mark)  # attach maps nothing
+    assert _scoped(scoped_spawn, "tapdisk")[0] == spawn == ["tap-ctl", "spawn"]
+    assert allocate == ["tap-ctl", "allocate"]
     pid = attach[attach.index("-p") + 1]
     minor = attach[attach.index("-m") + 1]
     tapdev = "/dev/xen/blktap-2/tapdev%s" % minor
     assert attach == ["tap-ctl", "attach", "-m", minor, "-p", pid]
+    assert fake_host.tapdisks() == [int(pid)]
+    socket_path = os.path.join(fake_host.blktap_control, "nbd%s.%s" % (pid, minor))
     assert backend == {"implementations": [
         ["XenDisk", {"backend_type": "vbd3", "params": tapdev, "extra": {}}],
-        ["BlockDevice", {"path": tapdev}]]}
+        ["BlockDevice", {"path": tapdev}],
+        ["Nbd", {"uri": "nbd:unix:%s:exportname=%s" % (socket_path, vdi["key"])}]]}
 
     mark = len(fake_host.commands())
     xapi.datapath("Datapath.activate", uri=uri, domain="7")
-    rbd_map, tap_open = _since(fake_host, mark)
+    scoped_map, rbd_map, tap_open = _since(fake_host, mark)
+    assert _scoped(scoped_map, "rbd-nbd")[0] == rbd_map
     spec = "%s/%s/%s" % (cluster.pool, xapi._state()["device_config"][sr_uuid]["namespace"],
                          vdi["key"])
-    assert rbd_map[:2] == ["rbd-nbd", "map"] and rbd_map[-1] == spec
-    options = dict(zip(rbd_map[2:-1:2], rbd_map[3:-1:2]))
+    assert rbd_map[:4] == ["rbd-nbd", "map", "--timeout", "120"] and rbd_map[-1] == spec
+    options = dict(zip(rbd_map[4:-1:2], rbd_map[5:-1:2]))
     assert options["--id"] == cluster.user and options["-c"] == cluster.conf
-    assert options["--keyring"] == cluster.keyring
+    assert options["--keyring"] == cluster.keyring and options["--rbd_cache"] == "false"
     [device] = fake_host.connected()
     assert tap_open == ["tap-ctl", "open", "-m", minor, "-p", pid, "-a", "aio:" + device]
 
@@ -57,17 +71,20 @@ def test_rbd_nbd_lifecycle_runs_these_commands(xapi, sr_uuid, fake_host, cluster
                            "attachment.json")) as stream:
         kept = json.load(stream)
     assert kept["device"] == device and kept["tapdisk"]["path"] == tapdev
+    assert kept["rbd_nbd"]["pid"] == fake_host.connected()[device]
     assert kept["claimed"] and len(kept["clients"]) == 1  # the rbd-nbd daemon's client
 
     mark = len(fake_host.commands())
     xapi.datapath("Datapath.deactivate", uri=uri, domain="7")
     assert _since(fake_host, mark) == [["tap-ctl", "close", "-m", minor, "-p", pid],
                                        ["rbd-nbd", "unmap", device]]
+    assert not alive(kept["rbd_nbd"]["pid"])  # unmap returns first: the datapath waits
     mark = len(fake_host.commands())
     xapi.datapath("Datapath.deactivate", uri=uri, domain="7")
     xapi.datapath("Datapath.detach", uri=uri, domain="7")
     assert _since(fake_host, mark) == [["tap-ctl", "destroy", "-m", minor, "-p", pid]]
     assert fake_host.connected() == {}
+    assert until("tapdisk to exit", lambda: fake_host.tapdisks() == [])
     assert os.listdir(os.path.join(os.environ["XCP_RBD_RUN_DIR"], "datapath")) == []
     xapi.vdi_destroy(sr_uuid, vdi["key"])
 
@@ -108,24 +125,27 @@ def test_tapdisk_create_frees_what_it_got_when_attach_fails(fake_host, install, 
     os.environ["PATH"] = str(failing) + os.pathsep + path
     try:
         with pytest.raises(protocol.StorageError):
-            host.tapdisk_create()
+            host.tapdisk_create("0123456789abcdef")
     finally:
         os.environ["PATH"] = path
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls == ["spawn", "allocate", "attach -m 5 -p 123456789", "free -m 5"]
 
 
-def test_nbd_connect_takes_the_first_free_device(fake_host, install):
+def test_nbd_connect_takes_the_first_free_device(fake_host, install, tmp_path):
     from xcp_rbd.datapath import host
-    first = host.nbd_connect("/run/a.sock", "a")
-    second = host.nbd_connect("/run/b.sock", "b")
-    assert (first, second) == ("/dev/nbd0", "/dev/nbd1")
-    assert fake_host.commands()[-1] == ["nbd-client", "-unix", "/run/b.sock", "/dev/nbd1",
-                                        "-name", "b", "-block-size", "512"]
-    host.nbd_disconnect(first)
-    assert host.nbd_connect("/run/c.sock", "c") == "/dev/nbd0"
-    host.nbd_disconnect("/dev/nbd0")
-    host.nbd_disconnect(second)
+    with nbd_server(str(fake_host.run + "/a.sock")) as a, \
+            nbd_server(str(fake_host.run + "/b.sock")) as b:
+        first = host.nbd_connect(a, "a")
+        second = host.nbd_connect(b, "b")
+        assert (first, second) == ("/dev/nbd0", "/dev/nbd1")
+        assert fake_host.commands()[-1] == [
+            "nbd-client", "-unix", b, "/dev/nbd1", "-name", "b", "-block-size", "512",
+            "-timeout", "120"]
+        host.nbd_disconnect(first)
+        assert host.nbd_connect(a, "c") == "/dev/nbd0"
+        host.nbd_disconnect("/dev/nbd0")
+        host.nbd_disconnect(second)
     assert fake_host.connected() == {}
 
 
@@ -133,6 +153,7 @@ def test_host_command_failure_is_clear(fake_host, install):
     from xcp_rbd import protocol
     from xcp_rbd.datapath import host
     with pytest.raises(protocol.StorageError) as failed:
-        host.rbd_nbd_unmap("/dev/nbd-not-here")
+        host.tapdisk_close({"pid": 999999, "minor": 0})
     assert failed.value.params[0] == "Host_command_failed"
-    assert "rbd-nbd unmap /dev/nbd-not-here" in failed.value.params[1]
+    assert "tap-ctl close -m 0 -p 999999 failed" in failed.value.params[1]
+    assert "couldn't connect to tapdisk 999999" in failed.value.params[1]

@@ -1,8 +1,10 @@
-"""Storage migration out of a qemu-backend SR (Data.mirror, Data.stat, and the end
-of the mirror at Datapath.deactivate), through the installed scripts: a real
-cluster, real qemu-storage-daemon mirroring to real NBD targets (a second SR's
-export on another host, a plain qemu-nbd) while a guest writes through the
-source export with libnbd, and the bytes compared at the end.
+"""Storage migration out of an SR of either backend (Data.mirror, Data.stat, and
+the end of the mirror at Datapath.deactivate), through the installed scripts: a
+real cluster, real NBD targets (a second SR's export on another host, a plain
+qemu-nbd) while a guest writes through the source export with libnbd, and the
+bytes compared at the end. On the qemu backend qemu-storage-daemon's mirror job
+copies; on rbd-nbd, the tapdisk stand-in's mirror mode and our relay (the
+target then is also an rbd-nbd SR's export: tapdisk's NBD server).
 
 The calls follow XAPI's sequence (smapiv3-spec 6.9): the destination creates,
 attaches and activates its volume (domain MIR...), the source attaches again for
@@ -23,13 +25,20 @@ import time
 
 import pytest
 
-from hosts import blocklist, nbd_client, nbd_export, until
+from hosts import blocklist, kill, nbd_client, nbd_export, until
 
 MiB = 1 << 20
 SIZE = 64 * MiB
 VM = "7"
 MIRROR_VM = "MIR1a2b3c"
 DOM0 = "u0_3f2a_mirror"
+
+
+@pytest.fixture
+def second_rbd_nbd_sr(xapi, device_config):
+    sr_uuid = xapi.sr_create(dict(device_config), name="destination SR")
+    yield sr_uuid
+    xapi.sr_destroy(sr_uuid)
 
 
 @pytest.fixture
@@ -121,7 +130,8 @@ def disk_content(backend):
     with nbd_client(backend) as client:
         client.pwrite(bytes(content[:24 * MiB]), 0)
         client.pwrite(bytes(content[40 * MiB:]), 40 * MiB)
-        client.flush()
+        if client.can_flush():  # tapdisk's server has no flush: its writes are done
+            client.flush()
     return content
 
 
@@ -224,17 +234,17 @@ def detach_source(xapi, host, uri, operation):
     assert refused[0] == "Unknown_operation"
 
 
-def test_mirror_to_a_second_srs_export(xapi, qemu_sr, second_qemu_sr, host_a, host_b,
-                                       image_io):
+def mirror_to_a_second_srs_export(xapi, source_sr, destination_sr, host_a, host_b,
+                                  image_io):
     """The destination is another SR's volume on another host, attached and
     activated as XAPI does on a migration's destination: its Nbd export takes the
     mirror's writes, and in the end holds every byte the guest wrote."""
-    source = xapi.vdi_create(qemu_sr, SIZE)
+    source = xapi.vdi_create(source_sr, SIZE)
     uri = source["uri"][0]
-    backend = host_a.plug(qemu_sr, source["key"], domain=VM)
+    backend = host_a.plug(source_sr, source["key"], domain=VM)
     content = disk_content(backend)
-    destination = xapi.vdi_create(second_qemu_sr, SIZE)
-    destination_backend = host_b.plug(second_qemu_sr, destination["key"], domain=MIRROR_VM)
+    destination = xapi.vdi_create(destination_sr, SIZE)
+    destination_backend = host_b.plug(destination_sr, destination["key"], domain=MIRROR_VM)
     with nbd_client(destination_backend) as client:
         assert not client.is_read_only() and client.get_size() == SIZE
     socket_path, export = nbd_export(destination_backend)
@@ -244,16 +254,59 @@ def test_mirror_to_a_second_srs_export(xapi, qemu_sr, second_qemu_sr, host_a, ho
     guest.start()
     operation = mirror_while_writing(xapi, host_a, uri, guest,
                                      "nbd+unix:///%s?socket=%s" % (export, socket_path))
-    host_b.unplug(second_qemu_sr, destination["key"], domain=MIRROR_VM)
+    host_b.unplug(destination_sr, destination["key"], domain=MIRROR_VM)
     assert image_io.read(source, 0, SIZE) == guest.model
     assert image_io.read(destination, 0, SIZE) == guest.model
     detach_source(xapi, host_a, uri, operation)
 
 
-def test_mirror_to_a_plain_qemu_nbd(xapi, qemu_sr, host_a, image_io):
-    source = xapi.vdi_create(qemu_sr, SIZE)
+def test_mirror_to_a_second_srs_export(xapi, qemu_sr, second_qemu_sr, host_a, host_b,
+                                       image_io):
+    mirror_to_a_second_srs_export(xapi, qemu_sr, second_qemu_sr, host_a, host_b, image_io)
+
+
+def test_mirror_out_of_an_rbd_nbd_sr_into_another(xapi, sr_uuid, second_rbd_nbd_sr, host_a,
+                                                  host_b, image_io):
+    """tapdisk's mirror mode through our relay, into tapdisk's export on the
+    destination (the Nbd export of an rbd-nbd SR, written by a migration source)."""
+    mirror_to_a_second_srs_export(xapi, sr_uuid, second_rbd_nbd_sr, host_a, host_b,
+                                  image_io)
+
+
+def test_rbd_nbd_mirror_whose_target_dies_fails_not_the_guest(
+        xapi, sr_uuid, second_rbd_nbd_sr, host_a, host_b, image_io):
+    source = xapi.vdi_create(sr_uuid, SIZE)
     uri = source["uri"][0]
-    backend = host_a.plug(qemu_sr, source["key"], domain=VM)
+    backend = host_a.plug(sr_uuid, source["key"], domain=VM)
+    guest = Guest(backend, disk_content(backend))
+    destination = xapi.vdi_create(second_rbd_nbd_sr, SIZE)
+    socket_path, export = nbd_export(host_b.plug(second_rbd_nbd_sr, destination["key"],
+                                                 domain=MIRROR_VM))
+    guest.start()
+    operation = call(xapi, host_a, "Data.mirror", uri=uri, domain=VM,
+                     remote="nbd+unix:///%s?socket=%s" % (export, socket_path))
+    wait_for(xapi, host_a, operation, "complete")
+    [target] = host_b.attachments()
+    kill(target["tapdisk"]["pid"])
+    guest.write_more(50)
+    wait_for(xapi, host_a, operation, "failed")
+    guest.pause()  # no write failed
+    call(xapi, host_a, "Datapath.deactivate", uri=uri, domain=VM)  # XAPI was told
+    assert data_stat(xapi, host_a, operation) == {"failed": True, "complete": False}
+    assert image_io.read(source, 0, SIZE) == guest.model
+    call(xapi, host_a, "Datapath.detach", uri=uri, domain=VM)
+    host_b.unplug(second_rbd_nbd_sr, destination["key"], domain=MIRROR_VM)
+    assert host_a.attachments() == host_b.attachments() == []
+
+
+def test_mirror_to_a_plain_qemu_nbd(xapi, backend_sr, host_a, image_io):
+    """qemu-nbd serves only the export it names: on rbd-nbd the relay asks for it,
+    where tapdisk itself would ask for "tapdisk_client"."""
+    if not shutil.which("qemu-nbd"):
+        pytest.skip("no qemu-nbd here")
+    source = xapi.vdi_create(backend_sr, SIZE)
+    uri = source["uri"][0]
+    backend = host_a.plug(backend_sr, source["key"], domain=VM)
     guest = Guest(backend, disk_content(backend))
     call(xapi, host_a, "Datapath.attach", uri=uri, domain=DOM0)
     with qemu_nbd_target() as target:
@@ -347,17 +400,9 @@ def test_hung_target_cannot_hang_deactivate(xapi, qemu_sr, host_a, cluster,
     assert host_a.attachments() == []
 
 
-def test_refusals(xapi, qemu_sr, sr_uuid, host_a):
-    """rbd-nbd cannot mirror; a volume must be active; a clear error for a bad
-    remote and for an operation that is not (or no longer) a mirror."""
-    rbd_nbd = xapi.vdi_create(sr_uuid, "16M")  # the default backend
-    host_a.plug(sr_uuid, rbd_nbd["key"], domain=VM)
-    refused = refusal_of(xapi, host_a, "Data.mirror", uri=rbd_nbd["uri"][0], domain=VM,
-                         remote="nbd+unix:///target?socket=/run/x.sock")
-    assert refused[0] == "Mirror_unsupported"
-    assert "rbd-nbd" in refused[1] and "datapath=qemu" in refused[1]
-    host_a.unplug(sr_uuid, rbd_nbd["key"], domain=VM)
-
+def test_refusals(xapi, qemu_sr, host_a):
+    """A volume must be active; a clear error for a bad remote and for an
+    operation that is not (or no longer) a mirror."""
     vdi = xapi.vdi_create(qemu_sr, "16M")
     uri = vdi["uri"][0]
     call(xapi, host_a, "Datapath.attach", uri=uri, domain=VM)
@@ -379,3 +424,18 @@ def test_refusals(xapi, qemu_sr, sr_uuid, host_a):
             "Unknown_operation"
     host_a.unplug(qemu_sr, vdi["key"], domain=VM)
     assert host_a.attachments() == []
+
+
+def test_rbd_nbd_mirror_to_a_target_of_another_size_is_refused(
+        xapi, sr_uuid, second_rbd_nbd_sr, host_a, host_b):
+    source = xapi.vdi_create(sr_uuid, "16M")
+    host_a.plug(sr_uuid, source["key"], domain=VM)
+    destination = xapi.vdi_create(second_rbd_nbd_sr, "8M")
+    socket_path, export = nbd_export(host_b.plug(second_rbd_nbd_sr, destination["key"],
+                                                 domain=MIRROR_VM))
+    refused = refusal_of(xapi, host_a, "Data.mirror", uri=source["uri"][0], domain=VM,
+                         remote="nbd+unix:///%s?socket=%s" % (export, socket_path))
+    assert refused[0] == "Mirror_target_size" and "8388608" in refused[1]
+    host_a.unplug(sr_uuid, source["key"], domain=VM)
+    host_b.unplug(second_rbd_nbd_sr, destination["key"], domain=MIRROR_VM)
+    assert host_a.attachments() == host_b.attachments() == []

@@ -8,17 +8,10 @@ import time
 
 import pytest
 
-from conftest import LocalCluster, run_script
+from conftest import run_script
 
 TIMEOUT = 2                    # device-config:timeout of the SR
 BOUND = 3 * TIMEOUT + 5        # what cluster.Connection promises, at most
-
-
-@pytest.fixture(scope="module")
-def fragile_cluster(tmp_path_factory):
-    """A cluster of its own: these tests freeze and stop its daemons."""
-    with LocalCluster(str(tmp_path_factory.mktemp("fragile"))) as running:
-        yield running
 
 
 @pytest.fixture

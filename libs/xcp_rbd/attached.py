@@ -6,7 +6,7 @@ import time
 
 import rbd
 
-from xcp_rbd import cluster, location, metadata, protocol
+from xcp_rbd import bounds, cluster, location, metadata, protocol
 from xcp_rbd.metadata import SrIndex
 
 
@@ -44,7 +44,8 @@ class Sr(object):
 
     def image_lock(self, name, lease=metadata.LOCK_LEASE):
         """The lock under which image `name` and the records on it change."""
-        return self.index.lock("img." + name, what="disk image %s" % name, lease=lease)
+        return self.index.lock("img." + name, what="disk image %s" % name, lease=lease,
+                               wait=bounds.wait(self.location.cluster.timeout))
 
     def image(self, name, snapshot=None, read_only=False):
         return rbd.Image(self.ioctx, name, snapshot=snapshot, read_only=read_only)

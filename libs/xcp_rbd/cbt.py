@@ -41,7 +41,7 @@ import zlib
 
 import rbd
 
-from xcp_rbd import ceph_client, gc, log, protocol
+from xcp_rbd import bounds, ceph_client, gc, log, protocol
 from xcp_rbd.attached import open_sr
 from xcp_rbd.metadata import volume_field
 
@@ -317,7 +317,7 @@ def _rbd_changed(sr, name, from_snap, target, start, end):
                 # objects: a clone's parent cannot change between two of its snapshots.
                 image.diff_iterate(run_start, run_end - run_start, from_snap, mark)
             bits |= _pack(marks) << (chunk // GRANULARITY)
-            protocol.arm_watchdog(3 * sr.location.cluster.timeout + 5,
+            protocol.arm_watchdog(bounds.call(sr.location.cluster.timeout),
                                   "%s did not answer a diff" % sr.location.cluster.describe())
         return _without_unwritten(sr, name, image, info, from_snap, target["snap"], bits,
                                   ends, start, min(end, trusted))

@@ -7,7 +7,7 @@ bounded time instead of a hung XAPI operation.
 
 import os
 
-from xcp_rbd import protocol
+from xcp_rbd import bounds, protocol
 
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
 DEFAULT_TIMEOUT = 10
@@ -101,8 +101,8 @@ class Connection(object):
         import rados  # imported here: only calls that reach Ceph pay for it
         config = self.config
         protocol.arm_watchdog(
-            3 * config.timeout + 5,
-            "%s did not answer within %d seconds" % (config.describe(), 3 * config.timeout))
+            bounds.call(config.timeout), "%s did not answer within %d seconds" % (
+                config.describe(), bounds.call(config.timeout)))
         if not os.path.isfile(config.conf) and not config.mon_host:
             raise protocol.failure(
                 "Invalid_configuration",
@@ -133,8 +133,16 @@ class Connection(object):
     def __exit__(self, exc_type, exc, tb):
         import rados
         import rbd
+        timed_out = exc_type is not None and issubclass(exc_type, (rados.TimedOut, rbd.Timeout))
+        full = self._full() if timed_out else []
         self.rados.shutdown()
-        if exc_type is not None and issubclass(exc_type, (rados.TimedOut, rbd.Timeout)):
+        if full:
+            raise protocol.failure(
+                "Ceph_pool_full", "%s is full, so its writes wait: %s. Add capacity or "
+                "raise the pool's quota (ceph osd pool set-quota <pool> max_bytes ...); "
+                "then VDIs can be destroyed to free space" % (
+                    self.config.describe(), "; ".join(full)))
+        if timed_out:
             raise protocol.failure(
                 "Ceph_unreachable", "%s did not answer within %d seconds (%s)"
                 % (self.config.describe(), self.config.timeout, exc))
@@ -143,6 +151,23 @@ class Connection(object):
             raise protocol.failure(
                 "Ceph_permission_denied", "client.%s is not allowed to do this on %s (%s)"
                 % (self.config.user, self.config.describe(), exc))
+
+    def _full(self):
+        """What the monitors say is full (a pool at its quota, full OSDs), where an
+        operation timed out: librados holds writes to a full pool until they time
+        out, which would otherwise read as a cluster that does not answer."""
+        try:
+            health = self.mon_command("health", detail="detail")
+        except (protocol.StorageError, ValueError):
+            return []  # the monitors do not answer either: unreachable it is
+        checks = (health or {}).get("checks", {})
+        found = []
+        for name in ("POOL_FULL", "OSD_FULL"):
+            check = checks.get(name)
+            if check:
+                found += [item["message"] for item in check.get("detail", [])] or [
+                    check["summary"]["message"]]
+        return found
 
     def open_pool(self, pool, namespace=""):
         """An ioctx on pool/namespace; a clear error if the pool does not exist."""

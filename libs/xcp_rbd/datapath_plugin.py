@@ -8,6 +8,7 @@ from xcp_rbd.datapath import commands, mirror
 
 COMMANDS = {
     "Plugin.Query": commands.query,
+    "Plugin.diagnostics": commands.diagnostics,
     "Datapath.attach": commands.attach,
     "Datapath.activate": commands.activate,
     "Datapath.activate_readonly": commands.activate_readonly,

@@ -21,13 +21,14 @@ also what `xcp-rbd-xapi gc` runs in the foreground.
 
 import json
 import os
+import struct
 import sys
 import time
 
 import rados
 import rbd
 
-from xcp_rbd import log, metadata, protocol
+from xcp_rbd import bounds, log, metadata, protocol
 from xcp_rbd.attached import USAGE_REFRESH, open_sr
 
 GC_LOCK = "gc"
@@ -132,7 +133,7 @@ def wait_for_flatten(sr, name):
     task = json.loads(value).get("task") if value else None
     if not task:
         return
-    deadline = time.time() + 3 * sr.location.cluster.timeout
+    deadline = time.time() + bounds.wait(sr.location.cluster.timeout)
     while chain_depth(sr, name):
         listed, unknown = _mgr_task_listed(sr, task, wait=deadline - time.time())
         if not listed and not unknown:
@@ -175,11 +176,13 @@ class Collector(object):
         self.actions = []
 
     def keep_lock(self):
+        """At each step of progress: the watchdog follows the progress (a step
+        may take a bound), and the lease is renewed once a third of it is gone."""
+        protocol.arm_watchdog(bounds.call(self.sr.location.cluster.timeout),
+                              "the collector stopped making progress")
         if time.time() - self.renewed > GC_LEASE / 3:
             self.lock.renew()
             self.renewed = time.time()
-            protocol.arm_watchdog(3 * self.sr.location.cluster.timeout + 5,
-                                  "the collector stopped making progress")
 
     def progress(self, done, total):
         """librbd's progress callback for long operations: keep lock and watchdog."""
@@ -203,6 +206,8 @@ class Collector(object):
                 elif ours is None and self.sr.owns_namespace():
                     self.collect_headless(name, entry.get("id"))
             self.collect_trash()
+            if self.full:
+                self.collect_lock_xattrs()
             self.collect_index()
             self.run_jobs()
             if len(self.actions) == done:
@@ -330,9 +335,47 @@ class Collector(object):
                                          on_progress=self.progress)
                 self.actions.append("removed image %s" % entry["name"])
             except rbd.ImageNotFound:
-                continue
+                if self.sr.owns_namespace():
+                    self.collect_headless_trash(entry)
             except (rbd.ImageHasSnapshots, rbd.ImageBusy) as exc:
                 log.debug("trashed image %s not removable yet: %s", entry["name"], exc)
+
+    def collect_headless_trash(self, entry):
+        """A trash entry of the SR's own namespace whose image cannot be opened: a
+        removal cut short after the header went (or a killed create's orphan).
+        Only an entry whose header object is really missing; librbd's own removal
+        when it accepts that, else the trash directory's entry itself (cls_rbd
+        trash_remove, which takes the id as an encoded string)."""
+        try:
+            self.sr.ioctx.stat("rbd_header." + entry["id"])
+            return  # it has a header: it failed to open for a passing reason
+        except rados.ObjectNotFound:
+            pass
+        try:
+            self.sr.rbd.trash_remove(self.sr.ioctx, entry["id"], True)
+        except rbd.ImageNotFound:
+            encoded = entry["id"].encode("ascii")
+            try:
+                self.sr.ioctx.execute("rbd_trash", "rbd", "trash_remove",
+                                      struct.pack("<I", len(encoded)) + encoded)
+            except rados.ObjectNotFound:
+                return  # gone meanwhile
+        self.actions.append("removed the headless trash entry of image %s" % entry["name"])
+
+    def collect_lock_xattrs(self):
+        """The image locks' xattrs that earlier releases left on the index object
+        (cls_lock's unlock keeps them: one per image ever used): each free one is
+        taken and released, which removes it (metadata.ClusterLock.release)."""
+        removed = 0
+        for name in self.sr.index.lock_names():
+            if name.startswith("img."):
+                self.keep_lock()
+                lock = self.sr.index.lock(name, wait=0)
+                if lock.try_acquire():
+                    lock.release()
+                    removed += 1
+        if removed:
+            self.actions.append("removed %d unused image lock records" % removed)
 
     def collect_index(self):
         entries = self.sr.index.read()

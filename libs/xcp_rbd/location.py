@@ -119,6 +119,12 @@ class VolumeLocation(object):
                    ClusterConfig.from_mapping(query), query.get("data_destroyed") == "1")
 
     @property
+    def export(self):
+        """The name of the volume's NBD exports: image[@snap] (no ':', which xapi's
+        parser of nbd: uris splits on)."""
+        return self.image + ("@" + self.snap if self.snap else "")
+
+    @property
     def spec(self):
         """pool/[namespace/]image[@snap], as the rbd CLI and rbd-nbd spell it."""
         spec = "/".join(p for p in (self.pool, self.namespace, self.image) if p)

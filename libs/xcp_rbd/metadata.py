@@ -260,6 +260,14 @@ class SrIndex(object):
     def lock(self, name, what=None, wait=20.0, lease=LOCK_LEASE):
         return self.omap.lock(name, what, wait, lease)
 
+    def lock_names(self):
+        """The names of the locks whose xattrs the index object carries."""
+        try:
+            return [name[len("lock."):] for name, _ in
+                    self.omap.ioctx.get_xattrs(self.omap.name) if name.startswith("lock.")]
+        except rados.ObjectNotFound:
+            return []
+
     def remove(self):
         self.omap.remove()
 
@@ -321,9 +329,15 @@ class ClusterLock(object):
         return expiry == 0 or expiry > time.time()
 
     def release(self):
+        """Drop the lock and its xattr with it: cls_lock's unlock leaves an empty
+        xattr behind for good, one per image ever used on the index object.
+        Removing the xattr is the release itself, and a safe one: the renewal
+        just before proves that we hold the lock (exclusive), with a fresh lease,
+        so that nobody else can hold it in between."""
         try:
             with ceph_client.serialised():
-                self.ioctx.unlock(self.obj, self.name, self.cookie)
+                self.renew()
+                self.ioctx.rm_xattr(self.obj, "lock." + self.name)
         except (rados.ObjectNotFound, rados.Error) as exc:
             log.warning("releasing lock %s on %s: %s", self.name, self.obj, exc)
 

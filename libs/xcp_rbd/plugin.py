@@ -3,7 +3,7 @@
 import json
 import os
 
-from xcp_rbd import ceph_client, cluster, gc, location, protocol, sr
+from xcp_rbd import bounds, ceph_client, cluster, gc, location, protocol, sr
 from xcp_rbd.attached import open_sr
 
 VERSION = "1.0.0"
@@ -40,16 +40,25 @@ SMAPIV1_DRIVERS = os.environ.get("XCP_RBD_SMAPIV1_DIR", "/opt/xensource/sm")
 
 def diagnostics(dbg):
     """Why it does (not) work here: this host's Ceph client and Python, any SMAPIv1
-    driver that claims the SR type too, and the SRs attached on this host (their
-    cluster's version, what they hold, what waits). Reads only: it writes nothing
+    driver that claims the SR type too, the SRs attached on this host (their
+    cluster's version, what they hold, what waits) and the volumes its datapath
+    holds with their data processes (datapath.report). Reads only: it writes nothing
     to any cluster."""
+    from xcp_rbd.datapath import report
     reports = []
     document = {"plugin": "rbd", "version": VERSION, "client": ceph_client.report(),
-                "sr_type_clash": sr_type_clash(), "srs": reports}
+                "sr_type_clash": sr_type_clash(), "srs": reports,
+                "datapath": report.report()}
     protocol.answer_on_timeout(lambda explanation: _diagnostics_text(dict(
         document, unfinished="stopped at an SR whose cluster did not answer: %s"
         % explanation)))
-    for attached_sr in sr.attached_srs():
+    attached_srs = sr.attached_srs()
+    # One bound for the call, whatever the number of SRs (each connection would
+    # otherwise bring a bound of its own): the largest one SR would have.
+    bound = bounds.call(max([location.SrLocation.parse(text).cluster.timeout
+                             for text in attached_srs] or [cluster.DEFAULT_TIMEOUT]))
+    protocol.limit_call(bound, "Plugin.diagnostics took its whole bound of %d s" % bound)
+    for attached_sr in attached_srs:
         where = location.SrLocation.parse(attached_sr)
         report = {"sr_uuid": where.sr_uuid, "pool": where.pool,
                   "namespace": where.namespace, "cluster": where.cluster.describe(),

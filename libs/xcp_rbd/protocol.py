@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 from xcp_rbd import idl, log
 
@@ -124,20 +125,55 @@ class _Output(object):
 
 
 _output = _Output()
-_watchdog = {"enabled": False, "timers": [], "answer": None}
+class _Watchdog(object):
+    """One thread that ends the call when its deadline passes: arming moves the
+    deadline (cheap: no thread per arm, so progress callbacks may arm it at
+    every step), and a call-wide limit caps every later arming."""
+
+    def __init__(self):
+        self.enabled = False
+        self.answer = None
+        self.deadline = None
+        self.explanation = ""
+        self.limit = None  # (deadline, explanation) that no arming goes past
+        self._wake = threading.Event()
+        self._thread = None
+
+    def arm(self, seconds, explanation):
+        deadline = time.monotonic() + seconds
+        if self.limit is not None and deadline > self.limit[0]:
+            deadline, explanation = self.limit
+        self.deadline, self.explanation = deadline, explanation
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _watch(self):
+        while True:
+            self._wake.wait(max(0.0, self.deadline - time.monotonic()))
+            self._wake.clear()
+            if time.monotonic() >= self.deadline:
+                break
+        if self.answer is not None:
+            _output.abort(self.answer(self.explanation), 0)
+        _output.abort(error_document(failure("Ceph_unreachable", self.explanation)))
+
+
+_watchdog = _Watchdog()
 
 
 def answer_on_timeout(answer):
     """Let the watchdog answer `answer(explanation)` as the call's result instead
     of failing it, for calls whose result can say that the cluster did not answer
     (SR.stat: the SR is Unreachable; Plugin.diagnostics: what it found so far)."""
-    _watchdog["answer"] = answer
+    _watchdog.answer = answer
 
 
 def enable_watchdog():
     """Let arm_watchdog bound this process (plugin scripts and the detached collector;
     never a tool, test or benchmark that uses the library)."""
-    _watchdog["enabled"] = True
+    _watchdog.enabled = True
 
 
 def arm_watchdog(seconds, explanation):
@@ -148,19 +184,23 @@ def arm_watchdog(seconds, explanation):
     xapi-storage-script nor XAPI bounds a script's run time, so this does.
     Long operations re-arm it as they make progress.
     """
-    def expire():
-        if _watchdog["answer"] is not None:
-            _output.abort(_watchdog["answer"](explanation), 0)
-        _output.abort(error_document(failure("Ceph_unreachable", explanation)))
+    if _watchdog.enabled:
+        _watchdog.arm(seconds, explanation)
 
-    if not _watchdog["enabled"]:
-        return
-    while _watchdog["timers"]:
-        _watchdog["timers"].pop().cancel()
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    _watchdog["timers"].append(timer)
+
+def watchdog_remaining():
+    """Seconds until the watchdog answers for the call, or None without one."""
+    if not _watchdog.enabled or _watchdog.deadline is None:
+        return None
+    return _watchdog.deadline - time.monotonic()
+
+
+def limit_call(seconds, explanation):
+    """Bound the whole call to `seconds` from now: later armings (each connection's,
+    each step's) cannot move the watchdog past it."""
+    if _watchdog.enabled:
+        _watchdog.limit = (time.monotonic() + seconds, explanation)
+        _watchdog.arm(seconds, explanation)
 
 
 def read_arguments(stream):

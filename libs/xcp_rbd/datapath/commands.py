@@ -23,7 +23,9 @@ keeps the set of attached domains and the active ones (with their mode), and
 the volume stays open while one is active and attached while one is attached.
 """
 
-from xcp_rbd import cluster, location, log, protocol
+import json
+
+from xcp_rbd import bounds, cluster, location, log, protocol
 from xcp_rbd.datapath import host, mirror, qemu, rbd_nbd, state
 
 VERSION = "1.0.0"
@@ -46,6 +48,13 @@ def query(dbg):
     }
 
 
+def diagnostics(dbg):
+    """The volumes this host's datapath holds and their data processes (report)."""
+    from xcp_rbd.datapath import report
+    return json.dumps({"plugin": location.DATAPATH_SCHEME, "version": VERSION,
+                       "volumes": report.report()}, indent=2, sort_keys=True)
+
+
 def _volume(uri):
     where = location.VolumeLocation.parse(uri)
     return where, BACKENDS[where.backend]
@@ -65,7 +74,7 @@ def attach(dbg, uri, domain):
     where, backend = _usable(uri)
     with state.Attachment(where) as att:
         if "tapdisk" not in att.values:
-            tapdisk = host.tapdisk_create()
+            tapdisk = host.tapdisk_create(att.volume_id)
             att.values.update(uri=uri, volume=where.spec, backend=backend.name,
                               tapdisk=tapdisk)
         att.values["domains"] = sorted(set(att.values.get("domains", [])) | {domain})
@@ -105,6 +114,12 @@ def _activate(uri, domain, read_only):
             raise protocol.failure("Not_attached", "%s is not attached on this host: "
                                    "Datapath.attach comes first" % where.spec)
         active = _active(att)
+        if not host.running(att.values["tapdisk"]["pid"]):
+            raise protocol.failure(
+                "Tapdisk_died", "%s: its tapdisk (pid %d) died, and with it the disk of "
+                "every domain using it (%s): shut them down, which detaches it, and start "
+                "them again" % (where.spec, att.values["tapdisk"]["pid"],
+                                ", ".join(att.values.get("domains", []))))
         if att.values.get("tapdisk_open"):
             if backend.alive(att):
                 if att.values.get("read_only") and not read_only:
@@ -115,8 +130,12 @@ def _activate(uri, domain, read_only):
                 active[domain] = "ro" if read_only else "rw"
                 att.save()
                 return None
-            log.warning("%s: its %s died: activating it again", where.spec, backend.name)
-            _deactivate(att, where, backend)
+            # The data process died under the domains using the volume: a new one,
+            # with tapdisk moved onto it (their VBDs stay).
+            log.error("%s: its %s died: starting another, then tapdisk moves onto it",
+                      where.spec, backend.name)
+            read_only = att.values.get("read_only", read_only)
+            _close_backend(att, where, backend)
         host.free_nbd_device()  # refused before anything is set up: both need one
         try:
             if read_only:  # no writer to exclude, and none excluded
@@ -152,7 +171,7 @@ def _open_exclusive(att, where, backend, lock):
 def _open(att, where, backend, read_only, opened=None):
     """The backend opens the image, `opened()` runs, tapdisk opens the device;
     each step recorded once done."""
-    protocol.arm_watchdog(3 * where.cluster.timeout + 5, "%s: qemu or the cluster did "
+    protocol.arm_watchdog(bounds.call(where.cluster.timeout), "%s: qemu or the cluster did "
                           "not answer while activating" % where.spec)
     att.values.update(opened=True, read_only=read_only)  # first: a half-open backend
     att.save()                                           # is undone too
@@ -161,7 +180,10 @@ def _open(att, where, backend, read_only, opened=None):
     if opened:
         opened()
         att.save()
-    host.tapdisk_open(att.values["tapdisk"], att.values["device"], read_only)
+    if att.values.get("tapdisk_open"):  # on a dead device: moved to the new one
+        host.tapdisk_reopen(att.values["tapdisk"], att.values["device"])
+    else:
+        host.tapdisk_open(att.values["tapdisk"], att.values["device"], read_only)
     att.values["tapdisk_open"] = True
     att.save()
 
@@ -183,6 +205,12 @@ def _deactivate(att, where, backend):
             # A dead tapdisk writes nothing: go on, or the VM could never stop.
             log.warning("%s: %s", where.spec, exc)
         att.save()
+    _close_backend(att, where, backend)
+
+
+def _close_backend(att, where, backend):
+    """The backend's part of _deactivate: the mirror, the image, the lock."""
+    values = att.values
     dead = False
     unfinished = None
     if values.get("opened"):

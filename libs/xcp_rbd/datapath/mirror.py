@@ -1,39 +1,52 @@
 """Data.mirror and Data.stat (smapiv3-spec sections 4.7, 6.9): the source side of
-a storage migration out of an SR whose datapath backend is qemu.
+a storage migration, on both backends.
 
-Data.mirror(uri, domain, remote) starts qemu's own mirror job in the qemu that
-serves the active volume: the NBD target `remote` (nbd+unix:///<export>?socket=
-<path>, xapi's proxy to the destination's export) becomes a block node, and
-blockdev-mirror copies the whole image to it (sync=full) while the guest keeps
-writing. copy-mode=write-blocking: from the start a guest write is acknowledged
-only once the target has it too, so once the job is ready every acknowledged
-write is on the target (as with tapdisk's mirror in SMAPIv1 migrations), and
-deactivate, in the migration's downtime, has next to nothing left to copy. A
-target that fails a write fails the job, never the guest's write.
+Data.mirror(uri, domain, remote) mirrors the active volume to the NBD target
+`remote` (nbd+unix:///<export>?socket=<path>, xapi's proxy to the
+destination's export) while the guest keeps writing; a target that fails a
+write fails the mirror, never the guest's write.
+
+- qemu backend: qemu's own mirror job in the qemu that serves the volume: the
+  target becomes a block node, and blockdev-mirror copies the whole image to it
+  (sync=full). copy-mode=write-blocking: from the start a guest write is
+  acknowledged only once the target has it too, so once the job is ready
+  every acknowledged write is on the target, and deactivate, in the
+  migration's downtime, has next to nothing left to copy.
+- rbd-nbd backend: tapdisk's mirror mode, as SMAPIv1's migrations use it. A
+  relay of ours (relay.py, a data process) holds the connection to the target
+  and becomes tapdisk's secondary (host.tapdisk_mirror), which gets every
+  guest write before the image; the relay meanwhile copies what the image
+  held. In sync once that copy is done; deactivate closes tapdisk, and the
+  relay then flushes the target and ends.
 
 Data.stat receives only the operation, ["MirrorV1", <id>]: RUN_DIR/mirror/<id>
-holds the volume's uri, and the volume's state (`mirror` in attachment.json) and
-its qemu tell the rest: `progress` while copying, `complete` once the job is
-ready, `failed` once the job failed or qemu is gone. The record stays until
-detach, so the last word on a mirror can still be read after deactivate.
+holds the volume's uri, and the volume's state (`mirror` in attachment.json)
+and its qemu or relay tell the rest: `progress` while copying, `complete` once
+in sync, `failed` once the job or relay failed or is gone. The record stays
+until detach, so the last word on a mirror can still be read after deactivate.
 
-finish() runs in Datapath.deactivate before the image closes. A ready job is
-cancelled without force: qemu then copies whatever is still dirty, flushes the
-target and ends without pivoting, which leaves a target holding every
-acknowledged write. (job-complete would pivot the export onto the target, which
-deactivate closes right after: nothing to gain.) A job not in sync yet cannot
-finish within the downtime: it is stopped and the mirror reported failed, as
-XAPI expects when a VM stops during a migration. If XAPI was told the mirror
-was complete and it then fails at the end, deactivate closes the source and
-fails: the migration must not go on with a target that misses writes.
+finish() runs in Datapath.deactivate before the image closes. A ready qemu
+job is cancelled without force: qemu then copies whatever is still dirty,
+flushes the target and ends without pivoting, which leaves a target holding
+every acknowledged write. (job-complete would pivot the export onto the
+target, which deactivate closes right after: nothing to gain.) A mirror not in
+sync yet cannot finish within the downtime: it is stopped and reported failed,
+as XAPI expects when a VM stops during a migration. If XAPI was told the
+mirror was complete and it then fails at the end, deactivate closes the source
+and fails: the migration must not go on with a target that misses writes.
 """
 
+import json
 import os
+import select
+import subprocess
+import sys
 import time
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import xcp_rbd
 from xcp_rbd import location, log, protocol
-from xcp_rbd.datapath import qemu, state
+from xcp_rbd.datapath import host, qemu, rbd_nbd, state
 
 JOB = "mirror"  # at most one mirror per volume, in a qemu of its own: fixed ids
 TARGET = "mirror-target"
@@ -46,6 +59,9 @@ QMP_BOUND = 30
 # target that takes longer counts as hung.
 END_TIMEOUT = 30
 POLL = 0.05
+RELAY_SOCKET = "mirror.sock"  # the relay's, for tapdisk's secondary
+RELAY_STATUS = "mirror.json"
+RELAY_LOG = "mirror.log"
 
 
 def _target(remote):
@@ -114,16 +130,13 @@ def _check_sizes(qmp, where, remote):
 
 def mirror(dbg, uri, domain, remote):
     where = location.VolumeLocation.parse(uri)
-    if where.backend != qemu.Qemu.name:
-        raise protocol.failure(
-            "Mirror_unsupported", "%s: the %s datapath backend cannot mirror a disk in "
-            "use (storage migration); SRs created with device-config:datapath=qemu can"
-            % (where.spec, where.backend))
     export, socket_path = _target(remote)
     with state.Attachment(where) as att:
-        if not att.values.get("opened"):
+        if not att.values.get("opened") or not att.values.get("tapdisk_open"):
             raise protocol.failure("Not_active", "%s is not active on this host: only a "
                                    "disk in use is mirrored" % where.spec)
+        engine = _engine(att)
+        engine.remove(att)  # what an earlier, failed migration left
         forget(att)
         record = {"id": os.urandom(16).hex(), "remote": remote}
         path = _index(record["id"])
@@ -132,8 +145,22 @@ def mirror(dbg, uri, domain, remote):
             stream.write(uri)
         att.values["mirror"] = record  # recorded first: a half-started mirror is undone too
         att.save()
+        engine.start(att, where, export, socket_path, remote)
+    log.info("%s: mirroring to %s (operation %s, domain %r)", where.spec, remote,
+             record["id"], domain)
+    return ["MirrorV1", record["id"]]
+
+
+def _engine(att):
+    return _QemuJob if att.values.get("backend") == qemu.Qemu.name else _Relay
+
+
+class _QemuJob(object):
+    """The mirror of the qemu backend: qemu's mirror job (see the module's doc)."""
+
+    @staticmethod
+    def start(att, where, export, socket_path, remote):
         with qemu.Monitor(att, QMP_BOUND) as qmp:
-            _remove(qmp)  # what an earlier, failed migration left
             try:
                 qmp.execute("blockdev-add", {
                     "driver": "nbd", "node-name": TARGET, "export": export,
@@ -145,9 +172,127 @@ def mirror(dbg, uri, domain, remote):
             except protocol.StorageError:
                 _remove(qmp)  # no connection to the proxy may linger
                 raise
-    log.info("%s: mirroring to %s (operation %s, domain %r)", where.spec, remote,
-             record["id"], domain)
-    return ["MirrorV1", record["id"]]
+
+    @staticmethod
+    def remove(att):
+        with qemu.Monitor(att, QMP_BOUND) as qmp:
+            _remove(qmp)
+
+    @staticmethod
+    def status(att, record):
+        """Data.stat's answer, or why the mirror failed."""
+        try:
+            with qemu.Monitor(att, QMP_BOUND) as qmp:
+                job = _job(qmp)
+        except qemu.QemuFailed as exc:
+            return str(exc)
+        if job is not None and job["status"] in READY:
+            return {"failed": False, "complete": True, "progress": 1.0}
+        if job is not None and job["status"] != "concluded":
+            total = job["total-progress"]
+            return {"failed": False, "complete": False,
+                    "progress": min(1.0, float(job["current-progress"]) / total)
+                    if total else 0.0}
+        return job.get("error", "the job ended") if job else "the mirror job is gone"
+
+    @staticmethod
+    def end(att):
+        return _end(att)
+
+
+class _Relay(object):
+    """The mirror under tapdisk (rbd-nbd): our relay as tapdisk's secondary (see
+    the module's doc and relay.py)."""
+
+    @staticmethod
+    def start(att, where, export, socket_path, remote):
+        status_path = att.path(RELAY_STATUS)
+        if os.path.exists(status_path):
+            os.unlink(status_path)
+        argv, unit, preexec_fn = host.data_process(
+            [sys.executable, "-m", "xcp_rbd.datapath.relay", att.values["uri"], socket_path,
+             export, att.socket_path(RELAY_SOCKET), status_path], "mirror", att.volume_id)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(xcp_rbd.__file__)))
+        log_fd = os.open(att.path(RELAY_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
+                env=dict(os.environ, PYTHONPATH=package_root), start_new_session=True,
+                preexec_fn=preexec_fn)
+        finally:
+            os.close(log_fd)
+        att.values["mirror"]["relay"] = {"pid": process.pid, "unit": unit}
+        att.save()
+        ready, _, _ = select.select([process.stdout], [], [], QMP_BOUND)
+        said = process.stdout.readline() if ready else b""
+        process.stdout.close()
+        try:
+            if said != b"ready\n":
+                raise _relay_failure(att, where, remote)
+            host.tapdisk_mirror(att.values["tapdisk"], "nbd:" + att.socket_path(RELAY_SOCKET))
+        except protocol.StorageError:
+            host.kill(process.pid)
+            raise
+
+    @staticmethod
+    def remove(att):
+        relay = (att.values.get("mirror") or {}).get("relay")
+        if relay and host.running(relay["pid"]):
+            host.tapdisk_mirror(att.values["tapdisk"], "null")
+            host.kill(relay["pid"])
+
+    @staticmethod
+    def status(att, record):
+        status = _relay_status(att)
+        if status.get("state") == "failed":
+            return status["error"]
+        if not rbd_nbd.RbdNbd().alive(att):  # the source's own writes fail: no migration
+            return "the volume's rbd-nbd daemon died"
+        if not host.running(record["relay"]["pid"]) and status.get("state") != "ended":
+            return "the mirror's relay (pid %d) died" % record["relay"]["pid"]
+        try:
+            if host.tapdisk_stats(att.values["tapdisk"]).get("nbd_mirror_failed"):
+                return "tapdisk dropped the mirror after a write to it failed"
+        except protocol.StorageError as exc:
+            return str(exc)
+        if status.get("in_sync"):
+            return {"failed": False, "complete": True, "progress": 1.0}
+        total = status.get("total") or 0
+        return {"failed": False, "complete": False,
+                "progress": min(1.0, float(status.get("copied", 0)) / total) if total else 0.0}
+
+    @staticmethod
+    def end(att):
+        """tapdisk is closed by now: the relay flushes the target and ends."""
+        relay = att.values["mirror"].get("relay")
+        if not relay:
+            return "the mirror's relay never started"
+        deadline = time.time() + END_TIMEOUT
+        while host.running(relay["pid"]):
+            if time.time() > deadline:
+                host.kill(relay["pid"])
+                return "the mirror did not end within %d s (a hung target?)" % END_TIMEOUT
+            time.sleep(POLL)
+        status = _relay_status(att)
+        if status.get("state") != "ended":
+            return status.get("error", "the mirror's relay died")
+        return status.get("error")  # set when it was not in sync
+
+
+def _relay_status(att):
+    try:
+        with open(att.path(RELAY_STATUS)) as stream:
+            return json.load(stream)
+    except (IOError, ValueError):
+        return {}
+
+
+def _relay_failure(att, where, remote):
+    status = _relay_status(att)
+    if status.get("reason") == "target_size":
+        return protocol.failure("Mirror_target_size", "%s: %s" % (where.spec, status["error"]))
+    return protocol.failure("Mirror_failed", "%s: the mirror to %s did not start: %s" % (
+        where.spec, remote, status.get("error", "its relay did not answer")))
 
 
 def stat(dbg, operation):
@@ -177,22 +322,11 @@ def _status(att, record):
         return {"failed": True, "complete": False}
     if record.get("closed"):
         return {"failed": False, "complete": True, "progress": 1.0}
-    try:
-        with qemu.Monitor(att, QMP_BOUND) as qmp:
-            job = _job(qmp)
-    except qemu.QemuFailed as exc:
-        error = str(exc)
-    else:
-        if job is not None and job["status"] in READY:
-            return {"failed": False, "complete": True, "progress": 1.0}
-        if job is not None and job["status"] != "concluded":
-            total = job["total-progress"]
-            return {"failed": False, "complete": False,
-                    "progress": min(1.0, float(job["current-progress"]) / total)
-                    if total else 0.0}
-        error = job.get("error", "the job ended") if job else "the mirror job is gone"
-    record["error"] = error
-    log.error("%s: the mirror to %s failed: %s", att.where.spec, record["remote"], error)
+    status = _engine(att).status(att, record)
+    if isinstance(status, dict):
+        return status
+    record["error"] = status
+    log.error("%s: the mirror to %s failed: %s", att.where.spec, record["remote"], status)
     return {"failed": True, "complete": False}
 
 
@@ -204,7 +338,7 @@ def finish(att):
     if not record or record.get("closed"):
         return None
     try:
-        error = _end(att)
+        error = _engine(att).end(att)
     except protocol.StorageError as exc:  # qemu is gone or does not answer
         error = str(exc)
     record["closed"] = True
@@ -225,7 +359,7 @@ def finish(att):
 
 
 def _end(att):
-    """Let the job end (see the module's doc) and remove it and the target from
+    """Let qemu's job end (see the module's doc) and remove it and the target from
     qemu; returns why the target may miss writes, or None."""
     reason = None
     try:

@@ -17,7 +17,6 @@ off): a write qemu acknowledges is on the OSDs.
 """
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -49,22 +48,11 @@ def _argv(program, qmp):
             "--monitor", "chardev=qmp"]
 
 
-def export_name(where):
-    return where.image + ("@" + where.snap if where.snap else "")
-
-
 class QemuFailed(protocol.StorageError):
     """qemu is gone or does not answer."""
 
     def __init__(self, message):
         super(QemuFailed, self).__init__(["Qemu_failed", message])
-
-
-def _kill(pid):
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass  # already gone
 
 
 def _alive(att):
@@ -103,7 +91,7 @@ class Monitor(object):
 
     def __enter__(self):
         from qemu.qmp.legacy import QEMUMonitorProtocol  # only qemu calls pay for it
-        self._timer = threading.Timer(self.bound, _kill, [self.att.values["qemu_pid"]])
+        self._timer = threading.Timer(self.bound, host.kill, [self.att.values["qemu_pid"]])
         self._timer.daemon = True
         self._timer.start()
         for _ in range(CONNECT_ATTEMPTS):
@@ -156,7 +144,7 @@ class Qemu(object):
 
     def implementations(self, att, where):
         return [["Nbd", {"uri": "nbd:unix:%s:exportname=%s" % (
-            att.socket_path(NBD_SOCKET), export_name(where))}]]
+            att.socket_path(NBD_SOCKET), where.export)}]]
 
     def alive(self, att):
         return _alive(att)
@@ -172,24 +160,26 @@ class Qemu(object):
                 os.unlink(att.socket_path(name))
         program = binary()
         env = dict(os.environ, CEPH_ARGS=" ".join(options))
+        argv, unit, preexec_fn = host.data_process(
+            _argv(program, att.socket_path(QMP_SOCKET)), "qemu", att.volume_id)
         log_fd = os.open(att.path(LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             # A session of its own: qemu outlives this script, and must not keep
             # the script's stdout (xapi-storage-script waits for it to close).
+            # systemd-run --scope execs qemu: the pid is qemu's.
             process = subprocess.Popen(
-                _argv(program, att.socket_path(QMP_SOCKET)), stdin=subprocess.DEVNULL,
-                stdout=log_fd, stderr=log_fd, cwd=att.directory, env=env,
-                start_new_session=True)
+                argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                cwd=att.directory, env=env, start_new_session=True, preexec_fn=preexec_fn)
         except OSError as exc:
             raise QemuFailed("cannot run %s: %s" % (program, exc))
         finally:
             os.close(log_fd)
-        att.values["qemu_pid"] = process.pid
+        att.values.update(qemu_pid=process.pid, qemu_unit=unit)
         att.save()
         deadline = time.time() + START_TIMEOUT
         while not os.path.exists(att.socket_path(QMP_SOCKET)):
             if process.poll() is not None or time.time() > deadline:
-                _kill(process.pid)
+                host.kill(process.pid)
                 raise QemuFailed("%s did not start: %s" % (program, _log_tail(att)))
             time.sleep(0.01)
         with Monitor(att, self._bound(where)) as qmp:
@@ -216,8 +206,8 @@ class Qemu(object):
             qmp.execute("blockdev-add", blockdev)
             qmp.execute("block-export-add", {
                 "type": "nbd", "id": NODE, "node-name": NODE,
-                "name": export_name(where), "writable": not read_only})
-        return host.nbd_connect(att.socket_path(NBD_SOCKET), export_name(where))
+                "name": where.export, "writable": not read_only})
+        return host.nbd_connect(att.socket_path(NBD_SOCKET), where.export)
 
     def close(self, att, where):
         """Drop the export and close the image (flushing it). True when qemu had
@@ -231,7 +221,7 @@ class Qemu(object):
                 self._close(qmp)
         except QemuFailed as exc:
             log.warning("%s: %s; killing it", where.spec, exc)
-            _kill(att.values["qemu_pid"])
+            host.kill(att.values["qemu_pid"])
             return True
         return False
 
@@ -262,4 +252,4 @@ class Qemu(object):
         if _alive(att):
             log.warning("%s: qemu %d did not quit: killing it", where.spec,
                         att.values["qemu_pid"])
-            _kill(att.values["qemu_pid"])
+            host.kill(att.values["qemu_pid"])

@@ -91,7 +91,8 @@ class Attachment(object):
 
     def __init__(self, where):
         self.where = where
-        self.directory = os.path.join(RUN_DIR, "datapath", _volume_id(where))
+        self.volume_id = _volume_id(where)
+        self.directory = os.path.join(RUN_DIR, "datapath", self.volume_id)
         self.values = {}
         self._lock = None
 

@@ -1,0 +1,30 @@
+"""Every time bound of a plugin call, in one place.
+
+- call(timeout): how long a script may take before its watchdog answers for it,
+  3 x the SR's `timeout` + 5 s: connecting (librados' client_mount_timeout),
+  an operation that waits on a monitor or an OSD (its op timeouts), one more for
+  undoing what a failure left, and MARGIN for Python and the answer. Operations
+  that take long re-arm the watchdog at each step of progress (the collector,
+  a diff, a flatten), so the bound is on a step, not on the operation.
+- wait(timeout): how long, from now, a call may wait for another operation to
+  end (a lock it holds, a background flatten): LOCK_WAIT at most, and always
+  short enough that the call still has a `timeout` for its own work and MARGIN
+  to answer before its watchdog, so that a busy volume gives `Busy`, never the
+  watchdog's error (at timeout 5: 10 s). Waits one after the other share it.
+"""
+
+from xcp_rbd import protocol
+
+LOCK_WAIT = 20.0
+MARGIN = 5
+
+
+def call(timeout):
+    return 3 * timeout + MARGIN
+
+
+def wait(timeout):
+    remaining = protocol.watchdog_remaining()
+    if remaining is None:  # no watchdog: a tool or a test in-process
+        return LOCK_WAIT
+    return max(0.0, min(LOCK_WAIT, remaining - timeout - MARGIN))
