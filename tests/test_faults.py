@@ -48,6 +48,8 @@ FAULTS = {
     "OSD stopped": (lambda c: c.stop_osd(), lambda c: c.start_osd(), ["did not answer"]),
     "pool full": (pool_full, pool_emptied, ["is full"]),
 }
+# What reads alone answers on a full pool (a VM's start needs Volume.stat).
+READS = {"SR.stat", "SR.ls", "Volume.stat", "Plugin.diagnostics"}
 
 
 @pytest.fixture(params=[5, pytest.param(10, marks=pytest.mark.long)],
@@ -114,6 +116,7 @@ def test_every_call_answers_a_fault_in_its_bound_and_names_it(
     for command, (status, out, seconds) in sorted(results.items()):
         assert seconds < bound, "%s took %.0f s (%s)" % (command, seconds, out)
         if status != 0:
+            assert not (fault == "pool full" and command in READS), (command, out)
             text = " ".join(map(str, out["params"])).lower()
             assert any(word in text for word in words), (command, out)
             failed[command] = commands[command]

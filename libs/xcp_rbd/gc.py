@@ -338,7 +338,7 @@ class Collector(object):
                 if self.sr.owns_namespace():
                     self.collect_headless_trash(entry)
             except (rbd.ImageHasSnapshots, rbd.ImageBusy) as exc:
-                log.debug("trashed image %s not removable yet: %s", entry["name"], exc)
+                log.info("trashed image %s not removable yet: %s", entry["name"], exc)
 
     def collect_headless_trash(self, entry):
         """A trash entry of the SR's own namespace whose image cannot be opened: a
