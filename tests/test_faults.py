@@ -130,7 +130,7 @@ def test_every_call_answers_a_fault_in_its_bound_and_names_it(
     referenced = {VolumeLocation.parse(volume["uri"][0]).image for volume in listed}
     with open_sr(sr) as attached:
         collect(attached, wait=120, full=True)
-        assert set(attached.images()) == referenced  # nothing lost, nothing left over
+        assert set(attached.remains()) == referenced  # nothing lost, nothing left over
     for volume in listed:
         xapi.volume("Volume.stat", sr=sr, key=volume["key"])
     assert io.read(disk, 0, len(data)) == data

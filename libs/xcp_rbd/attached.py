@@ -86,6 +86,27 @@ class Sr(object):
         except KeyError:
             return False
 
+    def remains(self):
+        """What of this SR is still in its namespace: in a namespace of its own,
+        every directory and trash entry, openable or not (removing the namespace
+        needs none left); elsewhere the images and trash entries that carry the
+        SR's back-pointer."""
+        if self.owns_namespace():
+            names = [entry["name"] for entry in self.rbd.list2(self.ioctx)]
+            trash = self.rbd.trash_list(self.ioctx)
+        else:
+            names = self.images()
+            trash = [entry for entry in self.rbd.trash_list(self.ioctx)
+                     if self._owns_trashed(entry["id"])]
+        return names + ["%s (in the trash)" % entry["name"] for entry in trash]
+
+    def _owns_trashed(self, image_id):
+        try:
+            with rbd.Image(self.ioctx, image_id=image_id, read_only=True) as image:
+                return self.owns(image)
+        except rbd.ImageNotFound:
+            return False
+
     def images(self):
         """Names of the RBD images of this SR's namespace that belong to it."""
         names = []

@@ -490,11 +490,13 @@ def destroy_everything(sr):
     entries = sr.index.read()
     sr.index.write(remove=[f for f in entries if f != metadata.SR_RECORD])
     collect(sr, wait=2 * GC_LEASE, full=True)
-    left = sr.images() + [e["name"] for e in sr.rbd.trash_list(sr.ioctx)]
+    left = sr.remains()
     if left:
         raise protocol.failure(
-            "SR_not_empty", "%s still holds images %s (clones in another SR, or open "
-                            "by a VM?)" % (sr.describe(), ", ".join(sorted(left))))
+            "SR_not_empty", "%s still holds images %s: clones in another SR, open by "
+                            "a VM, or what a killed operation left, which the collector "
+                            "removes once its lock runs out (retry in %d s)" % (
+                                sr.describe(), ", ".join(sorted(left)), metadata.LOCK_LEASE))
 
 
 def start(sr):
