@@ -392,9 +392,8 @@ def test_a_trash_entry_without_header_is_collected(xapi, sr_uuid, sr, image_io):
 
 
 def test_image_locks_leave_no_records_on_the_index(xapi, sr_uuid, sr, image_io):
-    """Every image lock's xattr on the SR's index object goes with its release, and
-    a full collection removes those that releases of earlier versions left (an
-    unlock keeps an empty one): none is left once the volumes are gone."""
+    """An unlock keeps the lock's xattr on the SR's index object (empty); a full
+    collection removes the unused ones: none is left once the volumes are gone."""
     index = metadata.index_object(SrLocation.parse(sr).sr_uuid)
     with sr_ioctx(image_io, sr) as ioctx:
         def lock_xattrs():

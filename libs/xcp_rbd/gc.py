@@ -363,16 +363,17 @@ class Collector(object):
         self.actions.append("removed the headless trash entry of image %s" % entry["name"])
 
     def collect_lock_xattrs(self):
-        """The image locks' xattrs that earlier releases left on the index object
-        (cls_lock's unlock keeps them: one per image ever used): each free one is
-        taken and released, which removes it (metadata.ClusterLock.release)."""
+        """The image locks' xattrs that releases left on the index object (cls_lock's
+        unlock keeps them: one per image ever used): each free one is taken and
+        removed (metadata.ClusterLock.forget). Here, not at every release: that
+        would cost every Volume call a round trip."""
         removed = 0
         for name in self.sr.index.lock_names():
             if name.startswith("img."):
                 self.keep_lock()
                 lock = self.sr.index.lock(name, wait=0)
                 if lock.try_acquire():
-                    lock.release()
+                    lock.forget()
                     removed += 1
         if removed:
             self.actions.append("removed %d unused image lock records" % removed)

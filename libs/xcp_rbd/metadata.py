@@ -329,17 +329,22 @@ class ClusterLock(object):
         return expiry == 0 or expiry > time.time()
 
     def release(self):
-        """Drop the lock and its xattr with it: cls_lock's unlock leaves an empty
-        xattr behind for good, one per image ever used on the index object.
-        Removing the xattr is the release itself, and a safe one: the renewal
-        just before proves that we hold the lock (exclusive), with a fresh lease,
-        so that nobody else can hold it in between."""
         try:
             with ceph_client.serialised():
-                self.renew()
-                self.ioctx.rm_xattr(self.obj, "lock." + self.name)
+                self.ioctx.unlock(self.obj, self.name, self.cookie)
         except (rados.ObjectNotFound, rados.Error) as exc:
             log.warning("releasing lock %s on %s: %s", self.name, self.obj, exc)
+
+    def forget(self):
+        """Release a lock just acquired by removing its xattr, which cls_lock's
+        unlock keeps for good (empty): the collector's clean-up of unused ones.
+        Safe only right after try_acquire: held exclusively, with a fresh lease,
+        nobody else can hold it in between."""
+        try:
+            with ceph_client.serialised():
+                self.ioctx.rm_xattr(self.obj, "lock." + self.name)
+        except (rados.ObjectNotFound, rados.Error) as exc:
+            log.warning("removing lock %s on %s: %s", self.name, self.obj, exc)
 
     def __exit__(self, *exc):
         self.release()

@@ -27,9 +27,9 @@ REP_ACK, REP_INFO = 1, 3
 REP_ERR_UNSUP = 2 ** 31 + 1
 INFO_EXPORT = 0
 TRANSMISSION_HAS_FLAGS, TRANSMISSION_READ_ONLY, TRANSMISSION_SEND_FLUSH = 1, 2, 4
-TRANSMISSION_SEND_TRIM, TRANSMISSION_SEND_WRITE_ZEROES = 32, 64
+TRANSMISSION_SEND_TRIM = 32
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
-EIO, EINVAL = 5, 22
+EIO = 5
 
 _REQUEST = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
@@ -146,9 +146,6 @@ class Connection(object):
         if error:
             raise RequestFailed("the NBD server answered error %d" % error)
         return recv_exact(self.sock, length) if command == CMD_READ else b""
-
-    def pread(self, offset, length):
-        return self.request(CMD_READ, offset, length)
 
     def pwrite(self, data, offset):
         self.request(CMD_WRITE, offset, data=data)
