@@ -14,7 +14,7 @@ import time
 import pytest
 import rbd
 
-from xcp_rbd import gc, metadata
+from xcp_rbd import flatten, gc, metadata, records
 from xcp_rbd.attached import open_sr
 from xcp_rbd.location import SrLocation, VolumeLocation
 
@@ -74,7 +74,7 @@ def test_ten_reverts_keep_data_and_chain(xapi, sr_uuid, sr, image_io):
             old, _, _ = snapshots.pop(0)
             xapi.vdi_destroy(sr_uuid, old["key"])
     with open_sr(sr) as attached:
-        assert gc.chain_depth(attached, disk["uri"][0].split("?")[0].rsplit("/", 1)[1]) == 0
+        assert flatten.chain_depth(attached, disk["uri"][0].split("?")[0].rsplit("/", 1)[1]) == 0
     listed = {v["key"]: v for v in xapi.sr_scan(sr_uuid)}
     assert set(listed) == {disk["key"]} | {s["key"] for s, _, _ in snapshots}
     for snap, offset, payload in snapshots:
@@ -109,7 +109,7 @@ def test_destroy_in_every_order_leaves_pool_empty(xapi, sr_uuid, sr, cluster, im
     assert (images, trash) == ([], "")
     with open_sr(sr) as attached:
         left = [f for f in attached.index.read()
-                if f != metadata.SR_RECORD and not f.startswith("gc.")]
+                if f != records.SR_RECORD and not f.startswith("gc.")]
     assert left == []
 
 
@@ -149,8 +149,8 @@ def test_chain_depth_bounded_after_collection(xapi, device_config, image_io, clu
     with open_sr(sr) as attached:
         while True:
             gc.collect(attached, wait=120)
-            depths = [gc.chain_depth(attached, name) for name in attached.images()]
-            jobs = attached.index.read(prefix=gc.JOB_PREFIX)
+            depths = [flatten.chain_depth(attached, name) for name in attached.images()]
+            jobs = attached.index.read(prefix=records.JOB)
             if (max(depths) <= 2 and not jobs) or time.time() > deadline:
                 break
             time.sleep(1)  # the manager's flatten tasks run on their own
@@ -179,11 +179,11 @@ def test_snapshots_taken_while_a_flatten_runs_keep_their_data(xapi, device_confi
     snapshots = [xapi.vdi_snapshot(sr_uuid, deep["key"], xapi_keys=False) for _ in range(6)]
     deadline = time.time() + 120
     with open_sr(sr) as attached:
-        while attached.index.read(prefix=gc.JOB_PREFIX) and time.time() < deadline:
+        while attached.index.read(prefix=records.JOB) and time.time() < deadline:
             gc.collect(attached, wait=120)
             time.sleep(0.5)
-        assert attached.index.read(prefix=gc.JOB_PREFIX) == {}
-        assert gc.chain_depth(attached, VolumeLocation.parse(deep["uri"][0]).image) == 0
+        assert attached.index.read(prefix=records.JOB) == {}
+        assert flatten.chain_depth(attached, VolumeLocation.parse(deep["uri"][0]).image) == 0
     for volume in [deep] + snapshots:
         wrong = [offset for offset, data in zip(objects, image_io.read_at(volume, objects, 9))
                  if data != b"obj%06d" % (offset // (4 * MiB))]

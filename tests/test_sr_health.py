@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from xcp_rbd import gc
+from xcp_rbd import flatten, gc, records
 from xcp_rbd.attached import open_sr
 from xcp_rbd.location import VolumeLocation
 from xcp_rbd.xapi import PluginError
@@ -95,7 +95,7 @@ def test_snapshot_waits_for_a_flatten_the_manager_does_not_report(
     image = VolumeLocation.parse(deep["uri"][0]).image
     with open_sr(sr) as attached:
         gc.collect(attached, wait=60)          # queues the flatten in the manager
-        job = json.loads(attached.index.read(prefix=gc.JOB_PREFIX)[gc.JOB_PREFIX + image])
+        job = json.loads(attached.index.read(prefix=records.JOB)[records.job_field(image)])
         assert job.get("task")
         saved = cluster.ceph_json("auth", "get", "client." + cluster.user)[0]["caps"]
         if silence == "manager stopped":
@@ -106,7 +106,7 @@ def test_snapshot_waits_for_a_flatten_the_manager_does_not_report(
         try:
             try:
                 snapshot = xapi.vdi_snapshot(sr_uuid, deep["key"], xapi_keys=False)
-                depth_then = gc.chain_depth(attached, image)
+                depth_then = flatten.chain_depth(attached, image)
             except PluginError as refused:
                 assert refused.params[0] == "Busy"
                 assert "does not say whether it runs" in refused.params[1]
@@ -123,9 +123,9 @@ def test_snapshot_waits_for_a_flatten_the_manager_does_not_report(
             assert data == [b"ffff"] * len(objects)
         if silence == "manager stopped":   # the manager's queue resumes the flatten
             deadline = time.time() + 120
-            while gc.chain_depth(attached, image) and time.time() < deadline:
+            while flatten.chain_depth(attached, image) and time.time() < deadline:
                 time.sleep(1)
-            assert gc.chain_depth(attached, image) == 0
+            assert flatten.chain_depth(attached, image) == 0
     xapi.sr_destroy(sr_uuid)
 
 
@@ -133,4 +133,4 @@ def test_chain_depth_of_an_image_gone_meanwhile_is_zero(sr):
     """(Plugin.diagnostics and the collector walk chains that a flatten or a destroy
     can end under them.)"""
     with open_sr(sr) as attached:
-        assert gc.chain_depth(attached, "no-such-image") == 0
+        assert flatten.chain_depth(attached, "no-such-image") == 0

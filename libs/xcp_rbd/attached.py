@@ -1,4 +1,9 @@
-"""`Sr`: an attached SR as every SR, Volume and collector call sees it."""
+"""`Sr`: an attached SR as every SR, Volume and collector call sees it.
+
+Names: in the modules of command handlers (sr, volume, cbt, revert), `sr` is
+always the SMAPIv3 `sr` string a handler gets, and the open Sr is `attached`; the
+modules below them that never see the string (gc, flatten, health) call the open
+Sr `sr`."""
 
 import contextlib
 import json
@@ -8,6 +13,7 @@ import rbd
 
 from xcp_rbd import bounds, cluster, location, metadata, protocol
 from xcp_rbd.metadata import SrIndex
+from xcp_rbd.records import SR_RECORD, VolumeRecord, usage_field, volume_field
 
 
 USAGE_REFRESH = 600  # seconds after which a cached usage is measured again
@@ -26,18 +32,29 @@ class Sr(object):
 
     def record(self):
         """The SR record, or a clear error if the SR does not exist."""
-        value = self.index.read_keys([metadata.SR_RECORD]).get(metadata.SR_RECORD)
+        value = self.index.read_keys([SR_RECORD]).get(SR_RECORD)
         if value is None:
             raise protocol.StorageError(["SR_does_not_exist", self.describe()])
         return json.loads(value)
 
     def volume_record(self, key):
-        """The index record of volume `key` (VolumeDoesNotExist if there is none)."""
-        value = self.index.read_keys([metadata.volume_field(key)]).get(
-            metadata.volume_field(key))
+        """The VolumeRecord of volume `key` (VolumeDoesNotExist if there is none)."""
+        value = self.index.read_keys([volume_field(key)]).get(volume_field(key))
         if value is None:
             raise protocol.VolumeDoesNotExist(key)
-        return json.loads(value)
+        return VolumeRecord.load(key, value)
+
+    def update_volume(self, key, change):
+        """Replace volume `key`'s record with change(record), atomically; returns
+        the new record, or None if there is none."""
+        def apply(entries):
+            field = volume_field(key)
+            if field not in entries:
+                return None
+            record = change(VolumeRecord.load(key, entries[field]))
+            entries[field] = record.dumps()
+            return record
+        return self.index.change([volume_field(key)], apply)
 
     def describe(self):
         return "SR %s in %s" % (self.location.sr_uuid, self.location.describe())
@@ -67,7 +84,7 @@ class Sr(object):
         """Remember a volume's usage for SR.ls, with when it was measured."""
         if cached is None or cached.get("bytes") != usage or \
                 time.time() - cached.get("at", 0) > USAGE_REFRESH:
-            self.index.write({metadata.usage_field(key): metadata.dumps(
+            self.index.write({usage_field(key): metadata.dumps(
                 {"bytes": usage, "at": int(time.time())})})
 
     def owns_namespace(self):

@@ -15,7 +15,7 @@ what data_destroy asks for. So a data-destroyed snapshot keeps its RBD snapshot
 until a later snapshot of the disk exists, then its changes up to the next
 snapshot that still has its data are stored in its record and its RBD snapshot
 is removed; if none can follow any more (CBT disabled, disk destroyed), it is
-removed at once. Fields this module adds to volume records (see metadata):
+removed at once. Fields of volume records (records.VolumeRecord) this module sets:
   cbt             a disk: CBT enabled; a snapshot: taken while it was (both are
                   reported as cbt_enabled)
   data_destroyed  a snapshot whose data XAPI destroyed: it may not be read again
@@ -36,17 +36,15 @@ is removed meanwhile: the records it then reads carry the stored changes.
 """
 
 import base64
-import json
 import zlib
 
 import rbd
 
 from xcp_rbd import bounds, ceph_client, gc, log, protocol
 from xcp_rbd.attached import open_sr
-from xcp_rbd.metadata import volume_field
+from xcp_rbd.records import VOLUME, volumes
 
 GRANULARITY = 64 << 10  # XAPI's CBT block ("Compare two VDIs in 64k block increments")
-DATA_DESTROYED = "data_destroyed"  # record flag; its uri tells the datapath to refuse it
 # The bitmap is built 64 GiB of disk at a time: one byte per block in memory (1 MiB),
 # whatever the size of the disk.
 _CHUNK = 1 << 36
@@ -71,37 +69,37 @@ def disable_cbt(dbg, sr, key):
 def _set_cbt(sr, key, enabled):
     with open_sr(sr) as attached:
         record = attached.volume_record(key)
-        if record["snap"] is not None:
+        if not record.read_write:
             raise protocol.failure(
                 "Not_supported", "volume %s is a snapshot: CBT is enabled on its disk, "
                 "and snapshots taken while it is have it too" % key)
-        with attached.image_lock(record["image"]):
-            if attached.index.update(volume_field(key),
-                                     lambda current: dict(current, cbt=enabled)) is None:
+        with attached.image_lock(record.image):
+            if attached.update_volume(key, lambda current: current.replace(cbt=enabled)) \
+                    is None:
                 raise protocol.VolumeDoesNotExist(key)
             if not enabled:
                 # A new backup set starts with a full backup (XAPI's rule): no
                 # snapshot will be compared with a later one any more.
-                release_destroyed(attached, record["image"])
+                release_destroyed(attached, record.image)
 
 
 def data_destroy(dbg, sr, key):
     with open_sr(sr) as attached:
         record = attached.volume_record(key)
-        if record["snap"] is None:
+        if record.read_write:
             raise protocol.failure(
                 "Not_supported", "volume %s is a disk: only a snapshot's data can be "
                 "destroyed" % key)
-        name = record["image"]
+        name = record.image
         with attached.image_lock(name):
-            if not record.get(DATA_DESTROYED):
+            if not record.data_destroyed:
                 try:
                     with attached.image(name, read_only=True) as image:
-                        snap_id = ceph_client.snap_id(image, record["snap"])
+                        snap_id = ceph_client.snap_id(image, record.snap)
                 except rbd.ImageNotFound:
                     raise protocol.VolumeDoesNotExist(key)
-                if attached.index.update(volume_field(key), lambda current: dict(
-                        current, data_destroyed=True, snap_id=snap_id)) is None:
+                if attached.update_volume(key, lambda current: current.replace(
+                        data_destroyed=True, snap_id=snap_id)) is None:
                     raise protocol.VolumeDoesNotExist(key)
             release_destroyed(attached, name)
 
@@ -129,117 +127,111 @@ def list_changed_blocks(dbg, sr, key, key2, offset, length):
             "bitmap": base64.b64encode(_encode(bits, count)).decode("ascii")}
 
 
-def after_snapshot(sr, disk):
+def after_snapshot(attached, disk):
     """Volume.snapshot took a snapshot of `disk` (the caller holds its image's lock):
     the data-destroyed snapshots before it can go. Only a disk with CBT on has
     such snapshots waiting, so the others pay nothing."""
-    if disk.get("cbt"):
-        release_destroyed(sr, disk["image"])
+    if disk.cbt:
+        release_destroyed(attached, disk.image)
 
 
-def release_destroyed(sr, name, ending=None):
+def release_destroyed(attached, name, ending=None):
     """Free what data-destroyed snapshots of image `name` no longer need (the caller
     holds the image's lock): each one that a later snapshot follows gets its
     changes up to the next snapshot with data stored, then loses its RBD snapshot.
     `ending`: no snapshot can follow any more, so those without one lose theirs
     too; by default, when the image has no disk with CBT on (none would be
     compared with a later one: XAPI starts a new backup set with a full copy)."""
-    records = _volumes(sr, name)
+    records = _volumes(attached, name)
     if ending is None:
-        ending = not any(record.get("cbt") for record in records.values()
-                         if record["snap"] is None)
-    records = {key: record for key, record in records.items() if record["snap"] is not None}
-    if not any(record.get(DATA_DESTROYED) for record in records.values()):
+        ending = not any(record.cbt for record in records.values() if record.read_write)
+    records = {key: record for key, record in records.items() if not record.read_write}
+    if not any(record.data_destroyed for record in records.values()):
         return
-    ids = _snap_ids(sr, name)
-    with_data = sorted((ids[record["snap"]], key) for key, record in records.items()
-                       if record["snap"] in ids and "changed" not in record)
+    ids = _snap_ids(attached, name)
+    with_data = sorted((ids[record.snap], key) for key, record in records.items()
+                       if record.snap in ids and not record.data_freed)
     for snap_id, key in with_data:
         record = records[key]
-        if not record.get(DATA_DESTROYED):
+        if not record.data_destroyed:
             continue
         later = [other for other_id, other in with_data if other_id > snap_id]
         if later:
             changed = {"to": later[0],
-                       "bitmap": _store(_interval(sr, name, record, records[later[0]]))}
+                       "bitmap": _store(_interval(attached, name, record, records[later[0]]))}
         elif ending:
             changed = {"to": None}
         else:
             continue
-        sr.index.update(volume_field(key), lambda current: dict(current, changed=changed))
-        record["changed"] = changed
+        attached.update_volume(key, lambda current: current.replace(changed=changed))
+        records[key] = record.replace(changed=changed)
     for key, record in sorted(records.items()):
-        if "changed" in record and record["snap"] in ids:
-            gc.release_snapshot(sr, name, record["snap"])
-            sr.cache_usage(key, 0)
+        if record.data_freed and record.snap in ids:
+            gc.release_snapshot(attached, name, record.snap)
+            attached.cache_usage(key, 0)
 
 
-def before_destroy(sr, key, record):
+def before_destroy(attached, key, record):
     """Volume.destroy is about to remove volume `key` (the caller holds its image's
     lock). A disk: no snapshot can follow its data-destroyed ones any more. A
     snapshot that stored changes lead to: carry them on to the snapshot after it,
     so that older snapshots can still be compared with later ones."""
-    name = record["image"]
-    if record["snap"] is None:
-        release_destroyed(sr, name, ending=True)
+    name = record.image
+    if record.read_write:
+        release_destroyed(attached, name, ending=True)
         return
-    records = _volumes(sr, name)
+    records = _volumes(attached, name)
     record = records.get(key, record)  # as it is now, under the lock
     before = [other for other, r in sorted(records.items())
-              if r.get("changed", {}).get("to") == key]
+              if r.data_freed and r.changed["to"] == key]
     if not before:
         return
-    if "changed" in record:
-        through = record["changed"]["to"]
-        bits = _load(record["changed"])
+    if record.data_freed:
+        through = record.changed["to"]
+        bits = _bitmap_of(record.changed)
     else:
-        ids = _snap_ids(sr, name)
-        later = sorted((ids[r["snap"]], other) for other, r in records.items()
-                       if r["snap"] in ids and "changed" not in r
-                       and ids[r["snap"]] > ids.get(record["snap"], _HEAD))
+        ids = _snap_ids(attached, name)
+        later = sorted((ids[r.snap], other) for other, r in records.items()
+                       if r.snap in ids and not r.data_freed
+                       and ids[r.snap] > ids.get(record.snap, _HEAD))
         if not later:
             return  # nothing follows yet: what came before ends here (said when asked)
         through = later[0][1]
-        bits = _interval(sr, name, record, records[through])
+        bits = _interval(attached, name, record, records[through])
     for other in before:
-        sr.index.update(volume_field(other), lambda current: dict(current, changed={
-            "to": through, "bitmap": _store(_load(current["changed"]) | bits)}))
+        attached.update_volume(other, lambda current: current.replace(changed={
+            "to": through, "bitmap": _store(_bitmap_of(current.changed) | bits)}))
 
 
 def check_readable(key, record):
     """Refuse to clone a snapshot whose data was destroyed."""
-    if record.get(DATA_DESTROYED):
+    if record.data_destroyed:
         raise protocol.failure(
             "Volume_data_destroyed", "the data of snapshot %s was destroyed (data_destroy): "
             "only its changed-block tracking metadata is left" % key)
 
 
-def data_freed(record):
-    """True once the volume's RBD snapshot is gone (its usage is then 0)."""
-    return "changed" in record
-
-
-def _compare(sr, key, key2, start, length):
+def _compare(attached, key, key2, start, length):
     """(bits, count): the changed blocks from key to key2 in the window starting at
     byte `start`, as an int whose bit n is the window's block n."""
-    every = _records(sr)
+    every = volumes(attached.index.read(prefix=VOLUME))
     for k in (key, key2):
         if k not in every:
             raise protocol.VolumeDoesNotExist(k)
     source, target = every[key], every[key2]
-    name = source["image"]
-    if target["image"] != name:
+    name = source.image
+    if target.image != name:
         raise protocol.failure(
             "Source and target VDI are unrelated", "%s and %s are not snapshots of one RBD "
             "image (a clone of a snapshot whose disk still existed): their changed blocks "
             "cannot be listed exactly, take a full backup" % (key, key2))
-    size = max(source["size"], target["size"])
+    size = max(source.size, target.size)
     end = size if length == -1 else min(size, start + length)
     count = max(0, -(-(end - start) // GRANULARITY))
     if key == key2 or count == 0:
         return 0, count
-    records = {k: record for k, record in every.items() if record["image"] == name}
-    ids = _snap_ids(sr, name)
+    records = {k: record for k, record in every.items() if record.image == name}
+    ids = _snap_ids(attached, name)
     target_at = _position(key2, target, ids)
     if _position(key, source, ids) > target_at:
         raise protocol.failure(
@@ -247,11 +239,11 @@ def _compare(sr, key, key2, start, length):
             "older volume to the newer one" % (key2, key))
     bits = 0
     current = key
-    while "changed" in records[current]:
-        bits |= _load(records[current]["changed"])
-        following = records[current]["changed"]["to"]
+    while records[current].data_freed:
+        bits |= _bitmap_of(records[current].changed)
+        following = records[current].changed["to"]
         if following == key2:
-            return _window(bits, start, count, target["size"]), count
+            return _window(bits, start, count, target.size), count
         if following not in records:
             raise protocol.failure(
                 "VDI_NO_CBT_METADATA", "the changes after snapshot %s are no longer known "
@@ -262,13 +254,13 @@ def _compare(sr, key, key2, start, length):
                 "VDI_NO_CBT_METADATA", "the data of %s was destroyed and the changes "
                 "around it are only known from %s to %s" % (key2, current, following))
         current = following
-    if "changed" in target:
+    if target.data_freed:
         raise protocol.failure(
             "VDI_NO_CBT_METADATA", "the data of %s was destroyed: compare %s with a later "
             "snapshot" % (key2, key))
-    bits |= _rbd_changed(sr, name, records[current]["snap"], target, start,
-                         min(end, target["size"]))
-    return _window(bits, start, count, target["size"]), count
+    bits |= _rbd_changed(attached, name, records[current].snap, target, start,
+                         min(end, target.size))
+    return _window(bits, start, count, target.size), count
 
 
 def _window(bits, start, count, target_size):
@@ -279,24 +271,24 @@ def _window(bits, start, count, target_size):
     return (bits >> first) & ((1 << inside) - 1)
 
 
-def _interval(sr, name, source, target):
+def _interval(attached, name, source, target):
     """What to store for snapshot `source` before its RBD snapshot goes: the blocks
     RBD reports changed up to `target`, and those `source` had data in past the end
     of `target` (a revert shrank the disk: if it grows back, they read as zeros,
     which RBD's diff from `source` would report)."""
-    bits = _rbd_changed(sr, name, source["snap"], target, 0, target["size"])
-    if source["size"] > target["size"]:
-        bits |= _rbd_changed(sr, name, None, source, target["size"], source["size"])
+    bits = _rbd_changed(attached, name, source.snap, target, 0, target.size)
+    if source.size > target.size:
+        bits |= _rbd_changed(attached, name, None, source, target.size, source.size)
     return bits
 
 
-def _rbd_changed(sr, name, from_snap, target, start, end):
+def _rbd_changed(attached, name, from_snap, target, start, end):
     """RBD's changed blocks in bytes [start, end) of image `name`, from snapshot
     from_snap (None: from nothing, what has data) to `target` (a record: the
     snapshot it names, or the head), as an int whose bit n is the disk's block n."""
     bits = 0
-    with sr.image(name, snapshot=target["snap"], read_only=True) as image:
-        trusted = _object_map_limit(image, from_snap, target["snap"])
+    with attached.image(name, snapshot=target.snap, read_only=True) as image:
+        trusted = _object_map_limit(image, from_snap, target.snap)
         info = image.stat()
         object_size = info["obj_size"]
         ends = {}  # object number -> where RBD's last extent in it ends, in the object
@@ -317,13 +309,13 @@ def _rbd_changed(sr, name, from_snap, target, start, end):
                 # objects: a clone's parent cannot change between two of its snapshots.
                 image.diff_iterate(run_start, run_end - run_start, from_snap, mark)
             bits |= _pack(marks) << (chunk // GRANULARITY)
-            protocol.arm_watchdog(bounds.call(sr.location.cluster.timeout),
-                                  "%s did not answer a diff" % sr.location.cluster.describe())
-        return _without_unwritten(sr, name, image, info, from_snap, target["snap"], bits,
+            protocol.arm_watchdog(bounds.call(attached.location.cluster.timeout),
+                                  "%s did not answer a diff" % attached.location.cluster.describe())
+        return _without_unwritten(attached, name, image, info, from_snap, target.snap, bits,
                                   ends, start, min(end, trusted))
 
 
-def _without_unwritten(sr, name, image, info, from_snap, to_snap, bits, ends, start, end):
+def _without_unwritten(attached, name, image, info, from_snap, to_snap, bits, ends, start, end):
     """`bits` without the blocks of [start, end) that RBD reports only because their
     object is new: RBD reports an object that did not exist at from_snap from its
     start to its end (`ends`: where its reported extents end, its size then), so a
@@ -337,7 +329,7 @@ def _without_unwritten(sr, name, image, info, from_snap, to_snap, bits, ends, st
     per_object = info["obj_size"] // GRANULARITY
     existed = set()
     if from_snap is not None:
-        with sr.image(name, snapshot=from_snap, read_only=True) as before:
+        with attached.image(name, snapshot=from_snap, read_only=True) as before:
             if _has_parent(before):
                 return bits
             ceph_client.object_diff(before, 0, before.size(), None, lambda offset, length,
@@ -348,7 +340,7 @@ def _without_unwritten(sr, name, image, info, from_snap, to_snap, bits, ends, st
     if not new:
         return bits
     from xcp_rbd import object_checksums  # ctypes: only diffs with new objects pay
-    where = sr.location
+    where = attached.location
     try:
         with object_checksums.ObjectChecksums(where.cluster, where.pool,
                                               where.namespace) as checksums:
@@ -429,28 +421,23 @@ def _store(bits):
     return base64.b64encode(zlib.compress(data)).decode("ascii")
 
 
-def _load(changed):
+def _bitmap_of(changed):
     if not changed.get("bitmap"):
         return 0
     data = zlib.decompress(base64.b64decode(changed["bitmap"]))
     return int.from_bytes(data.translate(_REVERSED), "little")
 
 
-def _records(sr):
-    """{key: record} of every volume of the SR."""
-    return {field[len(volume_field("")):]: json.loads(value)
-            for field, value in sr.index.read(prefix=volume_field("")).items()}
-
-
-def _volumes(sr, name):
+def _volumes(attached, name):
     """{key: record} of the volumes of image `name`: its snapshots and its disk."""
-    return {key: record for key, record in _records(sr).items() if record["image"] == name}
+    return {key: record for key, record in volumes(attached.index.read(prefix=VOLUME)).items()
+            if record.image == name}
 
 
-def _snap_ids(sr, name):
+def _snap_ids(attached, name):
     """{name: id} of the user snapshots of image `name` ({} once the image is gone)."""
     try:
-        with sr.image(name, read_only=True) as image:
+        with attached.image(name, read_only=True) as image:
             return {snap["name"]: snap["id"] for snap in image.list_snaps()
                     if snap.get("namespace", _USER) == _USER}
     except rbd.ImageNotFound:
@@ -460,10 +447,10 @@ def _snap_ids(sr, name):
 def _position(key, record, ids):
     """Where a volume is in its image's history: its RBD snapshot id (kept in the
     record once the snapshot is gone); the head after every snapshot."""
-    if record["snap"] is None:
+    if record.read_write:
         return _HEAD
-    if record["snap"] in ids:
-        return ids[record["snap"]]
-    if "snap_id" in record and "changed" in record:
-        return record["snap_id"]
+    if record.snap in ids:
+        return ids[record.snap]
+    if record.snap_id is not None and record.data_freed:
+        return record.snap_id
     raise rbd.ImageNotFound("snapshot %s is being removed" % key)

@@ -98,7 +98,10 @@ class Connection(object):
         self.rados = None
 
     def __enter__(self):
-        import rados  # imported here: only calls that reach Ceph pay for it
+        # Imported here, not at the top, for the datapath plugin and the xapi tool:
+        # they import this module for ClusterConfig, and only their calls that reach
+        # Ceph load librados. (The volume plugin's modules import it anyway.)
+        import rados
         config = self.config
         protocol.arm_watchdog(
             bounds.call(config.timeout), "%s did not answer within %d seconds" % (

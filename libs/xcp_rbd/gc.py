@@ -11,7 +11,8 @@ SR index and the cluster, never from a list of pending work that could be lost:
 - index entries of volumes that no longer exist are dropped.
 An image whose disk was destroyed but whose snapshots live on (a "zombie",
 as after XAPI's revert) stays until its last snapshot goes, and may be adopted
-by the next clone of one of its snapshots (see revert.adopt).
+by the next clone of one of its snapshots (see revert.adopt). The collector also
+runs the flatten jobs (see flatten).
 
 Every image is handled under its cluster lock, as the Volume commands do, and
 only one collector runs per SR (cluster lock "gc"), from any host. A collector
@@ -28,35 +29,20 @@ import time
 import rados
 import rbd
 
-from xcp_rbd import bounds, log, metadata, protocol
+from xcp_rbd import bounds, flatten, log, metadata, protocol
 from xcp_rbd.attached import USAGE_REFRESH, open_sr
+from xcp_rbd.records import (GC_LAST_FULL, GC_STATS, JOB, KEYS, SR_RECORD, USAGE, VOLUME,
+                             owner, references, usage_field, volumes)
 
 GC_LOCK = "gc"
 GC_LEASE = 60
-JOB_PREFIX = "j."   # j.<image>: a background job on that image (see run_jobs)
-STATS = "gc.stats"  # what the collector did over the SR's life
-LAST_FULL = "gc.last_full"  # when a collector last swept every image (see Collector)
-FULL_SWEEP_EVERY = 3600
+FULL_SWEEP_EVERY = 3600  # seconds between full sweeps (see Collector)
 
 
 def _user_snapshots(image):
     return [snap["name"] for snap in image.list_snaps()
             if snap.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
             == rbd.RBD_SNAP_NAMESPACE_TYPE_USER]
-
-
-def references(entries):
-    """(images of writable volumes, {image: set of referenced snapshots})."""
-    live = set()
-    snapshots = {}
-    for field, value in entries.items():
-        if field.startswith("v."):
-            record = json.loads(value)
-            if record["snap"] is None:
-                live.add(record["image"])
-            else:
-                snapshots.setdefault(record["image"], set()).add(record["snap"])
-    return live, snapshots
 
 
 def release_image(sr, name):
@@ -88,78 +74,6 @@ def release_snapshot(sr, name, snap):
             image.remove_snap(snap)
     except (rbd.ImageNotFound, rbd.ObjectNotFound):
         pass
-
-
-def chain_depth(sr, name):
-    """How many ancestors image `name` has, trashed ones included (opened by id); a
-    chain that ends while it is walked (a flatten finishing, the image destroyed)
-    ends there."""
-    depth = 0
-    try:
-        image = sr.image(name, read_only=True)
-    except rbd.ImageNotFound:
-        return depth
-    try:
-        while True:
-            try:
-                parent = image.parent_id()
-                image.close()
-                image = rbd.Image(sr.ioctx, image_id=parent, read_only=True)
-            except rbd.ImageNotFound:
-                return depth
-            depth += 1
-    finally:
-        image.close()
-
-
-def wait_for_flatten(sr, name):
-    """Before a snapshot of image `name` is taken or rolled back (the caller holds the
-    image's lock, under which the collector queues flattens): wait until no
-    background flatten of the image runs or waits in Ceph's manager.
-
-    librbd's flatten does not see a snapshot taken while it runs: that snapshot's
-    object map misses what the flatten copies afterwards, and once the parent is
-    detached those blocks of the snapshot read as zeros (Pacific 16.2.15; see
-    tests/test_collector.py). Cancelling is no way out: the manager drops a
-    cancelled task at once while the flatten goes on, possibly in the librbd of the
-    VM that holds the image's exclusive lock.
-
-    A manager that does not answer (restarting, failing over, busy) says nothing
-    about its tasks: the snapshot waits as for a listed task, and fails with Busy
-    if it still cannot know at the bound. Only an image that has no parent any more
-    is known to be flattened without asking."""
-    field = JOB_PREFIX + name
-    value = sr.index.read_keys([field]).get(field)
-    task = json.loads(value).get("task") if value else None
-    if not task:
-        return
-    deadline = time.time() + bounds.wait(sr.location.cluster.timeout)
-    while chain_depth(sr, name):
-        listed, unknown = _mgr_task_listed(sr, task, wait=deadline - time.time())
-        if not listed and not unknown:
-            return
-        if time.time() > deadline:
-            raise protocol.failure(
-                "Busy", "disk image %s is being flattened in the background (Ceph manager "
-                "task %s) and cannot be snapshotted until that ends%s: try again in a "
-                "moment" % (name, task, " (the manager does not say whether it runs: %s)"
-                            % unknown if unknown else ""))
-        time.sleep(0.1)
-
-
-def _mgr_task_listed(sr, task, wait=None):
-    """(whether Ceph's manager still lists task `task`, queued or running; why that
-    could not be known, or ""), asking for `wait` seconds at most."""
-    try:
-        tasks = sr.connection.mgr_command("rbd task list", wait=wait)
-    except protocol.StorageError as exc:
-        return False, exc.params[-1]
-    return any(t["id"] == task for t in tasks), ""
-
-
-def flatten_job(depth):
-    """The index entry that asks the collector to flatten an image (see run_jobs)."""
-    return metadata.dumps({"action": "flatten", "depth": depth, "queued": metadata.now()})
 
 
 class Collector(object):
@@ -194,7 +108,7 @@ class Collector(object):
         self.refresh_usage()
         while True:
             done = len(self.actions)
-            live, snapshots = references(self.sr.index.read(prefix="v."))
+            live, snapshots = references(self.sr.index.read(prefix=VOLUME))
             for entry in self.sr.rbd.list2(self.sr.ioctx):
                 name = entry["name"]
                 if name in live and not self.full:
@@ -206,12 +120,15 @@ class Collector(object):
                 elif ours is None and self.sr.owns_namespace():
                     self.collect_headless(name, entry.get("id"))
             self.collect_trash()
-            if self.full:
-                self.collect_lock_xattrs()
             self.collect_index()
-            self.run_jobs()
+            flatten.run_jobs(self)
             if len(self.actions) == done:
-                return self.actions
+                break
+        if self.full:
+            # Once, after the passes: each pass takes image locks, whose xattrs
+            # this removes; inside the loop that would be progress for ever.
+            self.collect_lock_xattrs()
+        return self.actions
 
     def refresh_usage(self, limit=200):
         """Measure the usage SR.ls and Volume.stat report where it is missing or
@@ -220,17 +137,15 @@ class Collector(object):
         entries = self.sr.index.read()
         stale_before = time.time() - USAGE_REFRESH
         refreshed = 0
-        for field, value in sorted(entries.items()):
-            if not field.startswith("v.") or refreshed >= limit:
-                continue
-            key = field[2:]
-            cached = json.loads(entries.get(metadata.usage_field(key), "{}"))
+        for key, record in sorted(volumes(entries).items()):
+            if refreshed >= limit:
+                break
+            cached = json.loads(entries.get(usage_field(key), "{}"))
             if cached.get("at", 0) > stale_before:
                 continue
-            record = json.loads(value)
             self.keep_lock()
             try:
-                usage = self.sr.allocated_bytes(record["image"], record["snap"])
+                usage = self.sr.allocated_bytes(record.image, record.snap)
             except rbd.ImageNotFound:
                 continue
             self.sr.cache_usage(key, usage, cached)
@@ -278,7 +193,7 @@ class Collector(object):
         if not lock.try_acquire():
             return  # in use by a command (or being created): next time
         try:
-            live, snapshots = references(self.sr.index.read(prefix="v."))
+            live, snapshots = references(self.sr.index.read(prefix=VOLUME))
             referenced = snapshots.get(name, set())
             with self.sr.image(name, read_only=True) as image:
                 stale = [snap for snap in _user_snapshots(image) if snap not in referenced]
@@ -380,87 +295,22 @@ class Collector(object):
 
     def collect_index(self):
         entries = self.sr.index.read()
-        volumes = {f[2:] for f in entries if f.startswith("v.")}
-        images = {json.loads(v)["image"] for f, v in entries.items() if f.startswith("v.")}
-        dangling = [f for f in entries if f[:2] in ("k.", "u.")
-                    and f[2:].partition(".")[0] not in volumes]
-        dangling += [f for f in entries if f.startswith(JOB_PREFIX)
-                     and f[len(JOB_PREFIX):] not in images]
+        records = volumes(entries)
+        images = {record.image for record in records.values()}
+        dangling = [f for f in entries if f.startswith((KEYS, USAGE))
+                    and owner(f) not in records]
+        dangling += [f for f in entries if f.startswith(JOB) and owner(f) not in images]
         if dangling:
             self.sr.index.write(remove=dangling)
             self.actions.append("dropped %d index entries of destroyed volumes"
                                 % len(dangling))
 
-    def run_jobs(self):
-        """Flatten the images whose clone chain grew past the SR's limit.
-
-        Ceph's manager (rbd_support) runs the flatten when it can: its task queue
-        is persistent, resumable, runs one task at a time and reports progress.
-        Without it (no mgr caps, old cluster) the collector flattens itself, with
-        few concurrent operations; a flatten is resumable by nature (what was
-        copied up is not copied again)."""
-        for field, value in sorted(self.sr.index.read(prefix=JOB_PREFIX).items()):
-            name = field[len(JOB_PREFIX):]
-            job = json.loads(value)
-            self.keep_lock()
-            try:
-                with self.sr.image(name, read_only=True) as image:
-                    image.parent_id()
-                    size = image.size()
-            except rbd.ImageNotFound:  # flattened (or gone): done
-                self.sr.index.write(remove=[field])
-                self.actions.append("flattened image %s (clone chain of %d)"
-                                    % (name, job["depth"]))
-                self.add_stat("flattened_bytes", job.get("size", 0))
-                continue
-            if job.get("task") and any(_mgr_task_listed(self.sr, job["task"])):
-                continue  # running, or the manager cannot say: never a second flatten
-            # Queued under the image's lock, so that a snapshot of the image sees
-            # it (see wait_for_flatten).
-            lock = self.sr.image_lock(name)
-            if not lock.try_acquire():
-                continue  # a command on the image: next time
-            try:
-                task = self.queue_mgr_flatten(name)
-                if task is None:
-                    self.flatten_here(name, lock)
-                    continue
-                job.update(task=task, size=size)
-                self.sr.index.write({field: metadata.dumps(job)})
-            finally:
-                lock.release()
-            self.actions.append("queued a flatten of image %s in Ceph's manager" % name)
-
-    def flatten_here(self, name, lock):
-        """Flatten in this process, holding the image's lock throughout."""
-        renewed = [time.time()]
-
-        def progress(done, total):
-            if time.time() - renewed[0] > metadata.LOCK_LEASE / 3:
-                lock.renew()
-                renewed[0] = time.time()
-            return self.progress(done, total)
-        with self.sr.image(name) as image:
-            image.flatten(on_progress=progress)
-
-    def spec(self, name):
-        return "/".join(p for p in (self.sr.location.pool, self.sr.location.namespace, name)
-                        if p)
-
-    def queue_mgr_flatten(self, name):
-        try:
-            return self.sr.connection.mgr_command(
-                "rbd task add flatten", image_spec=self.spec(name))["id"]
-        except protocol.StorageError as exc:
-            log.info("Ceph's manager cannot flatten %s (%s): flattening here", name, exc)
-            return None
-
     def add_stat(self, name, amount):
         def change(stats):
             stats[name] = stats.get(name, 0) + amount
             return stats
-        if self.sr.index.update(STATS, change) is None:
-            self.sr.index.write({STATS: metadata.dumps({name: amount})})
+        if self.sr.index.update(GC_STATS, change) is None:
+            self.sr.index.write({GC_STATS: metadata.dumps({name: amount})})
 
 
 def collect(sr, wait=0.0, full=False):
@@ -474,11 +324,11 @@ def collect(sr, wait=0.0, full=False):
     if wait:
         lock.__enter__()
     try:
-        last_full = json.loads(sr.index.read_keys([LAST_FULL]).get(LAST_FULL, "0"))
+        last_full = json.loads(sr.index.read_keys([GC_LAST_FULL]).get(GC_LAST_FULL, "0"))
         full = full or time.time() - last_full > FULL_SWEEP_EVERY
         actions = Collector(sr, lock, full).run()
         if full:
-            sr.index.write({LAST_FULL: str(int(time.time()))})
+            sr.index.write({GC_LAST_FULL: str(int(time.time()))})
     finally:
         lock.release()
     for action in actions:
@@ -489,7 +339,7 @@ def collect(sr, wait=0.0, full=False):
 def destroy_everything(sr):
     """SR.destroy: drop every volume record, then collect until the SR is empty."""
     entries = sr.index.read()
-    sr.index.write(remove=[f for f in entries if f != metadata.SR_RECORD])
+    sr.index.write(remove=[f for f in entries if f != SR_RECORD])
     collect(sr, wait=2 * GC_LEASE, full=True)
     left = sr.remains()
     if left:
@@ -516,44 +366,31 @@ def start(sr):
 def status(sr):
     """What the SR holds and what waits for the collector (diagnostics, the tool)."""
     entries = sr.index.read()
-    if metadata.SR_RECORD not in entries:
+    if SR_RECORD not in entries:
         raise protocol.StorageError(["SR_does_not_exist", sr.describe()])
     live, snapshots = references(entries)
     names = [entry["name"] for entry in sr.rbd.list2(sr.ioctx)]
     trash = [entry["name"] for entry in sr.rbd.trash_list(sr.ioctx)]
     running = sr.index.lock(GC_LOCK, lease=GC_LEASE).is_held()
-    try:
-        tasks = {t["id"]: t for t in sr.connection.mgr_command("rbd task list")}
-    except protocol.StorageError:
-        tasks = {}
-    jobs = []
-    for field, value in sorted(entries.items()):
-        if field.startswith(JOB_PREFIX):
-            job = json.loads(value)
-            task = tasks.get(job.get("task"), {})
-            job.update(image=field[len(JOB_PREFIX):], running=bool(task.get("in_progress")),
-                       progress=task.get("progress", 0.0))
-            jobs.append(job)
-    clones = sorted({json.loads(v)["image"] for f, v in entries.items()
-                     if f.startswith("v.") and json.loads(v).get("depth")})
+    jobs, chain_depths = flatten.status(sr, entries, names)
     return {
         "volumes": len(live),
         "snapshots": sum(len(s) for s in snapshots.values()),
         "hidden_images": sorted(i for i in names if i not in live and i in snapshots),
         "awaiting_collection": sorted(
             [i for i in names if i not in live and i not in snapshots] + trash),
-        "chain_depths": {name: chain_depth(sr, name) for name in clones if name in names},
+        "chain_depths": chain_depths,
         "jobs": jobs,
         "usage_measured_seconds_ago": _oldest_usage_age(entries),
         "collector_running": running,
-        "collected": json.loads(entries.get(STATS, "{}")),
+        "collected": json.loads(entries.get(GC_STATS, "{}")),
     }
 
 
 def _oldest_usage_age(entries):
     """How fresh SR.ls's physical_utilisation is: the age of its oldest measure."""
-    measured = [json.loads(entries.get(metadata.usage_field(f[2:]), '{"at": 0}'))["at"]
-                for f in entries if f.startswith("v.")]
+    measured = [json.loads(entries.get(usage_field(key), '{"at": 0}'))["at"]
+                for key in volumes(entries)]
     return int(time.time() - min(measured)) if measured else 0
 
 

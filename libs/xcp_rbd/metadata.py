@@ -1,14 +1,7 @@
 """SR metadata on the cluster: one RADOS object per SR whose omap is the index.
 
 The index of SR <uuid> (object `xcp_rbd.sr.<uuid>` in the SR's namespace) holds
-these fields:
-  sr             {"uuid", "name", "description", "namespace_owned", ...}
-  v.<key>        a volume record: {"uuid", "name", "description", "image",
-                 "snap" (null for a writable volume), "read_write", "sharable",
-                 "size", "created"}
-  k.<key>.<k>    the value of key <k> set with Volume.set
-  u.<key>        cached usage {"bytes", "at"} (see volume usage)
-and anything else a module documents where it owns it (the collector's jobs).
+fields (`<kind>.<owner>[.<more>]`: what they are and who writes them: records).
 The fields are stored in at most BUCKETS omap values (see SrIndex), so that
 `SR.ls` is one round trip whatever the number of volumes.
 Object `xcp_rbd.srs` in the pool's default namespace maps every SR uuid of the
@@ -28,11 +21,10 @@ import time
 
 import rados
 
-from xcp_rbd import ceph_client, log, protocol
+from xcp_rbd import bounds, ceph_client, log, protocol
 
 REGISTRY = "xcp_rbd.srs"
 INDEX_PREFIX = "xcp_rbd.sr."
-SR_RECORD = "sr"
 META_SR = "xcp_rbd.sr"  # image-meta back-pointer: the SR an image belongs to
 LOCK_LEASE = 60  # seconds a lock outlives a killed holder
 _OMAP_PAGE = 100000
@@ -42,18 +34,6 @@ _LOCK_RENEW = 1  # LIBRADOS_LOCK_FLAG_RENEW, not exported by the Python binding
 
 def index_object(sr_uuid):
     return INDEX_PREFIX + sr_uuid
-
-
-def volume_field(key):
-    return "v." + key
-
-
-def key_prefix(key):
-    return "k.%s." % key
-
-
-def usage_field(key):
-    return "u." + key
 
 
 def dumps(record):
@@ -163,7 +143,7 @@ class SrIndex(object):
     def __init__(self, ioctx, sr_uuid):
         self.omap = Omap(ioctx, index_object(sr_uuid))
 
-    def _load(self, buckets):
+    def _read_buckets(self, buckets):
         """({bucket: raw value}, {field: value}, guard) of the given buckets."""
         raw, guard = self.omap.read_for_update(buckets)
         entries = {}
@@ -183,25 +163,25 @@ class SrIndex(object):
 
     def read(self, prefix=""):
         """Every field (under prefix) as a dict of str -> str, in one round trip."""
-        entries = self._load(self._buckets((), (prefix,)))[1]
+        entries = self._read_buckets(self._buckets((), (prefix,)))[1]
         return {f: v for f, v in entries.items() if f.startswith(prefix)}
 
     def read_keys(self, fields, prefix=None):
         """The given fields, and every field under prefix if one is given, in one
         round trip."""
-        entries = self._load(self._buckets(fields, (prefix,) if prefix else ()))[1]
+        entries = self._read_buckets(self._buckets(fields, (prefix,) if prefix else ()))[1]
         wanted = set(fields)
         return {f: v for f, v in entries.items()
                 if f in wanted or (prefix and f.startswith(prefix))}
 
-    def change(self, fields, change, prefixes=(), deadline=10.0):
+    def change(self, fields, change, prefixes=()):
         """Apply change(entries) -> result to the fields of the buckets holding
         `fields` and `prefixes` (a dict it edits in place), atomically; returns
         the result. It may run more than once (if another script raced it)."""
         buckets = self._buckets(fields, prefixes)
-        stop = time.time() + deadline
+        retry = bounds.Retry(bounds.CHANGE_RETRY)
         while True:
-            raw, entries, guard = self._load(buckets)
+            raw, entries, guard = self._read_buckets(buckets)
             result = change(entries)
             grouped = {bucket: {} for bucket in buckets}
             for field, value in entries.items():
@@ -216,11 +196,10 @@ class SrIndex(object):
                                 guard=guard)
                 return result
             except Conflict:
-                if time.time() > stop:
+                if not retry.again():
                     raise protocol.failure(
                         "Busy", "the SR index %s changed constantly for %d s: try again"
-                        % (self.omap.name, deadline))
-                time.sleep(jitter(0.002, 0.02))
+                        % (self.omap.name, retry.seconds))
             except rados.ObjectNotFound:
                 raise protocol.StorageError(
                     ["SR_does_not_exist", "the index %s of this SR is gone (was the SR "
@@ -301,15 +280,12 @@ class ClusterLock(object):
                                       duration=self.lease, flags=_LOCK_RENEW)
 
     def __enter__(self):
-        stop = time.time() + self.wait
-        delay = 0.005
+        retry = bounds.Retry(self.wait)
         while not self.try_acquire():
-            if time.time() > stop:
+            if not retry.again():
                 raise protocol.failure(
                     "Busy", "%s is busy with another operation (from any host) for "
                     "more than %d s: try again" % (self.what, self.wait))
-            time.sleep(jitter(delay / 2, delay))
-            delay = min(delay * 2, 0.2)
         return self
 
     def is_held(self):
@@ -357,11 +333,6 @@ def new_key():
     data[8] = (data[8] & 0x3F) | 0x80  # RFC 4122 variant
     text = binascii.hexlify(bytes(data)).decode("ascii")
     return "-".join((text[:8], text[8:12], text[12:16], text[16:20], text[20:]))
-
-
-def jitter(low, high):
-    """A random pause length in [low, high], to spread retries of racing scripts."""
-    return low + (high - low) * (int(binascii.hexlify(os.urandom(2)), 16) / 65535.0)
 
 
 def now():

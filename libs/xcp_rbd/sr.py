@@ -14,6 +14,7 @@ import rbd
 from xcp_rbd import cluster, gc, health, location, log, metadata, protocol, volume
 from xcp_rbd.attached import open_sr
 from xcp_rbd.metadata import Omap, SrIndex, dumps
+from xcp_rbd.records import SR_RECORD
 
 RUN_DIR = os.environ.get("XCP_RBD_RUN_DIR", "/var/run/nonpersistent/xcp-rbd")
 OWNED_NAMESPACE_PREFIX = "xcp-"
@@ -79,7 +80,7 @@ def create(dbg, uuid, configuration, name, description):
                 created_namespace = True
             record = {"uuid": uuid, "name": name, "description": description,
                       "namespace_owned": owned, "created": metadata.now()}
-            SrIndex(ioctx, uuid).create({metadata.SR_RECORD: dumps(record)})
+            SrIndex(ioctx, uuid).create({SR_RECORD: dumps(record)})
             Omap(default_ns, metadata.REGISTRY).write(
                 {uuid: dumps({"namespace": where.namespace})})
         except rados.PermissionError:
@@ -199,7 +200,7 @@ def _set_field(sr, field, value):
         def change(record):
             record[field] = value
             return record
-        attached.index.update(metadata.SR_RECORD, change)
+        attached.index.update(SR_RECORD, change)
 
 
 def set_name(dbg, sr, new_name):
@@ -213,7 +214,7 @@ def set_description(dbg, sr, new_description):
 def ls(dbg, sr):
     with open_sr(sr) as attached:
         entries = attached.index.read()
-        if metadata.SR_RECORD not in entries:
+        if SR_RECORD not in entries:
             raise protocol.StorageError(["SR_does_not_exist", attached.describe()])
         return volume.views(attached, entries)
 

@@ -1,6 +1,6 @@
 """Volume.* commands: VDIs as RBD images, snapshots and clones.
 
-Data model (records: see metadata):
+Data model (records: see records):
 - a writable volume is an RBD image (named by the key it was created for);
 - a snapshot volume is an RBD user snapshot of its disk's image, named by its key;
 - a clone is an RBD clone v2 of a snapshot (no protection, no copy).
@@ -18,9 +18,10 @@ import time
 
 import rbd
 
-from xcp_rbd import cbt, gc, metadata, protocol, revert
+from xcp_rbd import cbt, flatten, gc, metadata, protocol, revert
 from xcp_rbd.attached import USAGE_REFRESH, open_sr
-from xcp_rbd.metadata import dumps, key_prefix, usage_field, volume_field
+from xcp_rbd.records import (KEYS, USAGE, VolumeRecord, key_prefix, owner, usage_field,
+                             volume_field, volumes)
 
 FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
             | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF
@@ -29,59 +30,49 @@ SECTOR = 512
 CREATE_LOCK_LEASE = 15  # a killed create blocks the collector this long at most
 
 
-def _split(entries):
+def _volumes_with_keys(entries):
     """Index entries -> {key: (record, keys, cached usage)} for every volume."""
-    volumes = {}
     custom = {}
     usage = {}
     for field, value in entries.items():
-        kind, _, rest = field.partition(".")
-        if kind == "v":
-            volumes[rest] = json.loads(value)
-        elif kind == "k":
-            key, _, name = rest.partition(".")
-            custom.setdefault(key, {})[name] = value
-        elif kind == "u":
-            usage[rest] = json.loads(value)
+        if field.startswith(KEYS):
+            key = owner(field)
+            custom.setdefault(key, {})[field[len(key_prefix(key)):]] = value
+        elif field.startswith(USAGE):
+            usage[owner(field)] = json.loads(value)
     return {key: (record, custom.get(key, {}), usage.get(key, {}))
-            for key, record in volumes.items()}
+            for key, record in volumes(entries).items()}
 
 
-def _load(sr, key):
-    entries = sr.index.read_keys([volume_field(key), usage_field(key)], key_prefix(key))
-    found = _split(entries).get(key)
+def _read_with_keys(attached, key):
+    """(record, keys, cached usage) of volume `key`, in one read."""
+    entries = attached.index.read_keys([volume_field(key), usage_field(key)], key_prefix(key))
+    found = _volumes_with_keys(entries).get(key)
     if found is None:
         raise protocol.VolumeDoesNotExist(key)
     return found
 
 
-def view(sr, key, record, keys, usage):
+def view(attached, key, record, keys, usage):
     """The IDL volume of a record."""
     return {
-        "key": key, "uuid": record["uuid"], "name": record["name"],
-        "description": record["description"], "read_write": record["snap"] is None,
-        "sharable": record["sharable"], "virtual_size": record["size"],
+        "key": key, "uuid": record.uuid, "name": record.name,
+        "description": record.description, "read_write": record.read_write,
+        "sharable": record.sharable, "virtual_size": record.size,
         "physical_utilisation": usage,
-        "uri": [sr.location.volume_uri(record["image"], record["snap"],
-                                       record.get(cbt.DATA_DESTROYED, False))],
-        "keys": keys, "cbt_enabled": record.get("cbt", False),
+        "uri": [attached.location.volume_uri(record.image, record.snap, record.data_destroyed)],
+        "keys": keys, "cbt_enabled": record.cbt,
     }
 
 
-def views(sr, entries):
-    return [view(sr, key, record, keys, usage.get("bytes", 0))
-            for key, (record, keys, usage) in sorted(_split(entries).items())]
+def views(attached, entries):
+    return [view(attached, key, record, keys, usage.get("bytes", 0))
+            for key, (record, keys, usage) in sorted(_volumes_with_keys(entries).items())]
 
 
-def _new_record(key, source, image, snap, size):
-    return {"uuid": key, "name": source["name"], "description": source["description"],
-            "image": image, "snap": snap, "sharable": source["sharable"], "size": size,
-            "created": metadata.now()}
-
-
-def _tag_image(sr, name):
-    with sr.image(name) as image:
-        image.metadata_set(metadata.META_SR, sr.location.sr_uuid)
+def _tag_image(attached, name):
+    with attached.image(name) as image:
+        image.metadata_set(metadata.META_SR, attached.location.sr_uuid)
 
 
 def create(dbg, sr, name, description, size, sharable):
@@ -91,38 +82,38 @@ def create(dbg, sr, name, description, size, sharable):
     with open_sr(sr) as attached:
         attached.record()
         key = metadata.new_key()
-        record = _new_record(key, {"name": name, "description": description,
-                                   "sharable": sharable}, key, None, size)
+        record = VolumeRecord.new(key, {"name": name, "description": description,
+                                        "sharable": sharable}, key, None, size)
         with attached.image_lock(key, lease=CREATE_LOCK_LEASE):
             attached.rbd.create(attached.ioctx, key, size, old_format=False,
                                 features=FEATURES)
             _tag_image(attached, key)
-            attached.index.write({volume_field(key): dumps(record)})
+            attached.index.write({volume_field(key): record.dumps()})
         return view(attached, key, record, {}, 0)
 
 
 def snapshot(dbg, sr, key):
     with open_sr(sr) as attached:
-        record, _, _ = _load(attached, key)
-        if record["snap"] is not None:
+        record = attached.volume_record(key)
+        if not record.read_write:
             raise protocol.failure(
                 "Not_supported", "volume %s is a snapshot: snapshot its disk instead" % key)
         new = metadata.new_key()
-        with attached.image_lock(record["image"]):
-            gc.wait_for_flatten(attached, record["image"])
-            with _open(attached, key, record["image"]) as image:
+        with attached.image_lock(record.image):
+            flatten.wait_for_flatten(attached, record.image)
+            with _open(attached, key, record.image) as image:
                 image.create_snap(new)
                 size = image.size()
-            snap_record = dict(_new_record(new, record, record["image"], new, size),
-                               cbt=record.get("cbt", False))
-            attached.index.write({volume_field(new): dumps(snap_record)})
+            snap_record = VolumeRecord.new(new, record, record.image, new, size,
+                                           cbt=record.cbt)
+            attached.index.write({volume_field(new): snap_record.dumps()})
             cbt.after_snapshot(attached, record)
         return view(attached, new, snap_record, {}, 0)
 
 
-def _open(sr, key, image, snapshot=None, read_only=False):
+def _open(attached, key, image, snapshot=None, read_only=False):
     try:
-        return sr.image(image, snapshot=snapshot, read_only=read_only)
+        return attached.image(image, snapshot=snapshot, read_only=read_only)
     except rbd.ImageNotFound:
         raise protocol.VolumeDoesNotExist(key)
 
@@ -132,15 +123,14 @@ TMP_SNAP_PREFIX = "xcp_rbd.clone."
 
 def clone(dbg, sr, key):
     with open_sr(sr) as attached:
-        record, _, _ = _load(attached, key)
+        record = attached.volume_record(key)
         cbt.check_readable(key, record)
         new = metadata.new_key()
-        with attached.image_lock(record["image"]):
-            gc.wait_for_flatten(attached, record["image"])
-            adopted = revert.adopt(attached, key, record, new) \
-                if record["snap"] is not None else None
+        with attached.image_lock(record.image):
+            flatten.wait_for_flatten(attached, record.image)
+            adopted = None if record.read_write else revert.adopt(attached, key, record, new)
             clone_record = adopted or _clone_image(attached, key, record, new)
-        if clone_record.get("depth", 0) > attached.location.max_chain_depth:
+        if clone_record.depth > attached.location.max_chain_depth:
             gc.start(attached)
         return view(attached, new, clone_record, {}, 0)
 
@@ -148,27 +138,26 @@ def clone(dbg, sr, key):
 def _clone_image(attached, key, record, new):
     """An RBD clone v2 of volume `key` for the new volume `new`; returns its record.
     The caller holds the lock of the volume's image."""
-    if record["snap"] is not None:
-        parent_snap = record["snap"]
+    if not record.read_write:
+        parent_snap = record.snap
     else:
         # A clone needs a snapshot: a temporary one, removed at once (clone v2
         # keeps it in the trash namespace for as long as the clone needs it).
         parent_snap = TMP_SNAP_PREFIX + new
-        with _open(attached, key, record["image"]) as image:
+        with _open(attached, key, record.image) as image:
             image.create_snap(parent_snap)
     with attached.image_lock(new, lease=CREATE_LOCK_LEASE):
-        attached.rbd.clone(attached.ioctx, record["image"], parent_snap,
+        attached.rbd.clone(attached.ioctx, record.image, parent_snap,
                            attached.ioctx, new, features=FEATURES)
         _tag_image(attached, new)
-        depth = gc.chain_depth(attached, new)
-        clone_record = dict(_new_record(new, record, new, None, record["size"]),
-                            depth=depth)
-        changes = {volume_field(new): dumps(clone_record)}
+        depth = flatten.chain_depth(attached, new)
+        clone_record = VolumeRecord.new(new, record, new, None, record.size, depth=depth)
+        changes = {volume_field(new): clone_record.dumps()}
         if depth > attached.location.max_chain_depth:
-            changes[gc.JOB_PREFIX + new] = gc.flatten_job(depth)
+            changes.update(flatten.job(new, depth))
         attached.index.write(changes)
-    if record["snap"] is None:
-        with attached.image(record["image"]) as image:
+    if record.read_write:
+        with attached.image(record.image) as image:
             image.remove_snap(parent_snap)
     return clone_record
 
@@ -178,34 +167,34 @@ def destroy(dbg, sr, key):
     already destroyed; what Ceph cannot delete yet is left to the collector."""
     with open_sr(sr) as attached:
         try:
-            record, _, _ = _load(attached, key)
+            record = attached.volume_record(key)
         except protocol.VolumeDoesNotExist:
             return None
-        with attached.image_lock(record["image"]):
+        with attached.image_lock(record.image):
             cbt.before_destroy(attached, key, record)
             attached.index.write(
                 remove=[volume_field(key), usage_field(key)],
                 remove_prefixes=[key_prefix(key)])
-            if record["snap"] is None:
-                gc.release_image(attached, record["image"])
+            if record.read_write:
+                gc.release_image(attached, record.image)
             else:
-                gc.release_snapshot(attached, record["image"], record["snap"])
+                gc.release_snapshot(attached, record.image, record.snap)
         gc.start(attached)
     return None
 
 
-def _change_record(sr, key, change):
+def _change_record(sr, key, **changes):
     with open_sr(sr) as attached:
-        if attached.index.update(volume_field(key), change) is None:
+        if attached.update_volume(key, lambda record: record.replace(**changes)) is None:
             raise protocol.VolumeDoesNotExist(key)
 
 
 def set_name(dbg, sr, key, new_name):
-    _change_record(sr, key, lambda record: dict(record, name=new_name))
+    _change_record(sr, key, name=new_name)
 
 
 def set_description(dbg, sr, key, new_description):
-    _change_record(sr, key, lambda record: dict(record, description=new_description))
+    _change_record(sr, key, description=new_description)
 
 
 def _write_keys(sr, key, set_values=None, remove=()):
@@ -230,21 +219,20 @@ def unset_key(dbg, sr, key, k):
 
 def resize(dbg, sr, key, new_size):
     with open_sr(sr) as attached:
-        record, _, _ = _load(attached, key)
-        if record["snap"] is not None:
+        record = attached.volume_record(key)
+        if not record.read_write:
             raise protocol.failure("VDI Invalid size",
                                    "volume %s is a read-only snapshot" % key)
         new_size = -(-new_size // SECTOR) * SECTOR
-        if new_size < record["size"]:
+        if new_size < record.size:
             raise protocol.StorageError(
                 ["VDI Invalid size", "shrinking not allowed: volume %s has %d bytes, "
-                 "asked for %d" % (key, record["size"], new_size)],
+                 "asked for %d" % (key, record.size, new_size)],
                 code="SR_BACKEND_FAILURE_79")
-        with attached.image_lock(record["image"]):
-            with _open(attached, key, record["image"]) as image:
+        with attached.image_lock(record.image):
+            with _open(attached, key, record.image) as image:
                 image.resize(new_size)
-            attached.index.update(volume_field(key),
-                                  lambda current: dict(current, size=new_size))
+            attached.update_volume(key, lambda current: current.replace(size=new_size))
 
 
 def stat(dbg, sr, key):
@@ -253,8 +241,8 @@ def stat(dbg, sr, key):
     downtime too). A usage missing or older than USAGE_REFRESH starts the
     collector, which measures it in the background."""
     with open_sr(sr) as attached:
-        record, keys, cached = _load(attached, key)
-        if cbt.data_freed(record):
+        record, keys, cached = _read_with_keys(attached, key)
+        if record.data_freed:
             usage = 0
         else:
             usage = cached.get("bytes", 0)

@@ -24,15 +24,13 @@ The record lives and dies with the image and librbd ignores it.
 """
 
 import json
-import time
 
 import rbd
 
-from xcp_rbd import ceph_client, log, protocol
-from xcp_rbd.metadata import Conflict, Omap, dumps, jitter, now
+from xcp_rbd import bounds, ceph_client, log, protocol
+from xcp_rbd.metadata import Conflict, Omap, dumps, now
 
 FIELD = "xcp_rbd.activation"
-_ATTEMPTS = 10
 
 
 class ActivatedOnAnotherHost(protocol.StorageError):
@@ -86,7 +84,8 @@ class ActivationLock(object):
     def _change(self, change):
         """Apply change(record) -> new record, None to remove, or False to leave
         alone, until no other host changed the record in between."""
-        for _ in range(_ATTEMPTS):
+        retry = bounds.Retry(bounds.CHANGE_RETRY)
+        while True:
             record, guard = self.holder()
             new = change(record)
             if new is False:
@@ -98,9 +97,10 @@ class ActivationLock(object):
                     self.index.write({FIELD: dumps(new)}, guard=guard)
                 return new
             except Conflict:
-                time.sleep(jitter(0.002, 0.02))
-        raise protocol.failure("Busy", "the activation of %s changed constantly: try again"
-                               % self.where.spec)
+                if not retry.again():
+                    raise protocol.failure(
+                        "Busy", "the activation of %s changed constantly for %d s: try "
+                        "again" % (self.where.spec, retry.seconds))
 
     def acquire(self, me):
         """Make this host the holder, fencing a dead holder first; raise
