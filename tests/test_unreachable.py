@@ -9,9 +9,10 @@ import time
 import pytest
 
 from conftest import run_script
+from xcp_rbd import bounds
 
 TIMEOUT = 2                    # device-config:timeout of the SR
-BOUND = 3 * TIMEOUT + 5        # what cluster.Connection promises, at most
+BOUND = bounds.call(TIMEOUT)   # what cluster.Connection promises, at most
 
 
 @pytest.fixture
