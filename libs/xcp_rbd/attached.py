@@ -6,7 +6,7 @@ import time
 
 import rbd
 
-from xcp_rbd import bounds, cluster, location, metadata, protocol
+from xcp_rbd import bounds, cluster, errors, location, metadata
 from xcp_rbd.metadata import SrIndex
 
 
@@ -28,7 +28,7 @@ class Sr(object):
         """The SR record, or a clear error if the SR does not exist."""
         value = self.index.read_keys([metadata.SR_RECORD]).get(metadata.SR_RECORD)
         if value is None:
-            raise protocol.StorageError(["SR_does_not_exist", self.describe()])
+            raise errors.SrDoesNotExist(self.describe())
         return json.loads(value)
 
     def volume_record(self, key):
@@ -36,7 +36,7 @@ class Sr(object):
         value = self.index.read_keys([metadata.volume_field(key)]).get(
             metadata.volume_field(key))
         if value is None:
-            raise protocol.VolumeDoesNotExist(key)
+            raise errors.VolumeDoesNotExist(key)
         return json.loads(value)
 
     def describe(self):

@@ -28,7 +28,7 @@ import time
 import rados
 import rbd
 
-from xcp_rbd import bounds, log, metadata, protocol
+from xcp_rbd import bounds, errors, log, metadata, protocol
 from xcp_rbd.attached import USAGE_REFRESH, open_sr
 
 GC_LOCK = "gc"
@@ -139,8 +139,8 @@ def wait_for_flatten(sr, name):
         if not listed and not unknown:
             return
         if time.time() > deadline:
-            raise protocol.failure(
-                "Busy", "disk image %s is being flattened in the background (Ceph manager "
+            raise errors.Busy(
+                "disk image %s is being flattened in the background (Ceph manager "
                 "task %s) and cannot be snapshotted until that ends%s: try again in a "
                 "moment" % (name, task, " (the manager does not say whether it runs: %s)"
                             % unknown if unknown else ""))
@@ -152,7 +152,7 @@ def _mgr_task_listed(sr, task, wait=None):
     could not be known, or ""), asking for `wait` seconds at most."""
     try:
         tasks = sr.connection.mgr_command("rbd task list", wait=wait)
-    except protocol.StorageError as exc:
+    except errors.StorageError as exc:
         return False, exc.params[-1]
     return any(t["id"] == task for t in tasks), ""
 
@@ -451,7 +451,7 @@ class Collector(object):
         try:
             return self.sr.connection.mgr_command(
                 "rbd task add flatten", image_spec=self.spec(name))["id"]
-        except protocol.StorageError as exc:
+        except errors.StorageError as exc:
             log.info("Ceph's manager cannot flatten %s (%s): flattening here", name, exc)
             return None
 
@@ -493,11 +493,11 @@ def destroy_everything(sr):
     collect(sr, wait=2 * GC_LEASE, full=True)
     left = sr.remains()
     if left:
-        raise protocol.failure(
-            "SR_not_empty", "%s still holds images %s: clones in another SR, open by "
-                            "a VM, or what a killed operation left, which the collector "
-                            "removes once its lock runs out (retry in %d s)" % (
-                                sr.describe(), ", ".join(sorted(left)), metadata.LOCK_LEASE))
+        raise errors.SrNotEmpty(
+            "%s still holds images %s: clones in another SR, open by a VM, or what a "
+            "killed operation left, which the collector removes once its lock runs out "
+            "(retry in %d s)" % (sr.describe(), ", ".join(sorted(left)),
+                                 metadata.LOCK_LEASE))
 
 
 def start(sr):
@@ -517,14 +517,14 @@ def status(sr):
     """What the SR holds and what waits for the collector (diagnostics, the tool)."""
     entries = sr.index.read()
     if metadata.SR_RECORD not in entries:
-        raise protocol.StorageError(["SR_does_not_exist", sr.describe()])
+        raise errors.SrDoesNotExist(sr.describe())
     live, snapshots = references(entries)
     names = [entry["name"] for entry in sr.rbd.list2(sr.ioctx)]
     trash = [entry["name"] for entry in sr.rbd.trash_list(sr.ioctx)]
     running = sr.index.lock(GC_LOCK, lease=GC_LEASE).is_held()
     try:
         tasks = {t["id"]: t for t in sr.connection.mgr_command("rbd task list")}
-    except protocol.StorageError:
+    except errors.StorageError:
         tasks = {}
     jobs = []
     for field, value in sorted(entries.items()):

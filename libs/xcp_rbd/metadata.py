@@ -28,7 +28,7 @@ import time
 
 import rados
 
-from xcp_rbd import ceph_client, log, protocol
+from xcp_rbd import ceph_client, errors, log
 
 REGISTRY = "xcp_rbd.srs"
 INDEX_PREFIX = "xcp_rbd.sr."
@@ -217,14 +217,12 @@ class SrIndex(object):
                 return result
             except Conflict:
                 if time.time() > stop:
-                    raise protocol.failure(
-                        "Busy", "the SR index %s changed constantly for %d s: try again"
-                        % (self.omap.name, deadline))
+                    raise errors.Busy("the SR index %s changed constantly for %d s: try "
+                                      "again" % (self.omap.name, deadline))
                 time.sleep(jitter(0.002, 0.02))
             except rados.ObjectNotFound:
-                raise protocol.StorageError(
-                    ["SR_does_not_exist", "the index %s of this SR is gone (was the SR "
-                     "destroyed?)" % self.omap.name])
+                raise errors.SrDoesNotExist("the index %s of this SR is gone (was the SR "
+                                            "destroyed?)" % self.omap.name)
 
     def write(self, set_values=None, remove=(), remove_prefixes=()):
         """Set and remove fields, and every field under remove_prefixes, atomically."""
@@ -305,9 +303,9 @@ class ClusterLock(object):
         delay = 0.005
         while not self.try_acquire():
             if time.time() > stop:
-                raise protocol.failure(
-                    "Busy", "%s is busy with another operation (from any host) for "
-                    "more than %d s: try again" % (self.what, self.wait))
+                raise errors.Busy(
+                    "%s is busy with another operation (from any host) for more than "
+                    "%d s: try again" % (self.what, self.wait))
             time.sleep(jitter(delay / 2, delay))
             delay = min(delay * 2, 0.2)
         return self

@@ -14,7 +14,7 @@ network), never run while the image is open (a VM's writes would mix with it) or
 while it is being flattened (see gc.wait_for_flatten).
 """
 
-from xcp_rbd import cbt, gc, log, metadata, protocol
+from xcp_rbd import cbt, errors, gc, log, metadata
 from xcp_rbd.attached import open_sr
 from xcp_rbd.metadata import volume_field
 
@@ -31,9 +31,9 @@ def revert(dbg, sr, snapshot, key):
             _check(snapshot, snap, key, disk)
             gc.wait_for_flatten(attached, name)
             if _watchers(attached, name):
-                raise protocol.failure(
-                    "Volume_in_use", "disk %s is open (a running VM, or a host that did not "
-                    "deactivate it: watchers %s): shut the VM down, then revert"
+                raise errors.VolumeInUse(
+                    "disk %s is open (a running VM, or a host that did not deactivate it: "
+                    "watchers %s): shut the VM down, then revert"
                     % (key, ", ".join(_watchers(attached, name))))
             size = _rollback(attached, name, snap["snap"])
             attached.index.write({volume_field(key): metadata.dumps(dict(disk, size=size))},
@@ -43,15 +43,15 @@ def revert(dbg, sr, snapshot, key):
 
 def _check(snapshot, snap, key, disk):
     if snap["snap"] is None:
-        raise protocol.failure("Not_supported", "volume %s is a disk, not a snapshot: "
-                               "only a snapshot can be reverted to" % snapshot)
+        raise errors.NotSupported("volume %s is a disk, not a snapshot: only a snapshot "
+                                  "can be reverted to" % snapshot)
     if disk["snap"] is not None:
-        raise protocol.failure("Not_supported", "volume %s is a snapshot: only a disk can "
-                               "be reverted" % key)
+        raise errors.NotSupported("volume %s is a snapshot: only a disk can be reverted"
+                                  % key)
     cbt.check_readable(snapshot, snap)
     if snap["image"] != disk["image"]:
-        raise protocol.failure(
-            "Not_supported", "snapshot %s is not a snapshot of disk %s's own RBD image (%s, "
+        raise errors.NotSupported(
+            "snapshot %s is not a snapshot of disk %s's own RBD image (%s, "
             "not %s: the disk was made by a clone-based revert): revert it the clone-based "
             "way (xcp-rbd-xapi snapshot-revert)" % (snapshot, key, snap["image"],
                                                      disk["image"]))

@@ -18,7 +18,7 @@ import time
 
 import rbd
 
-from xcp_rbd import cbt, gc, metadata, protocol, revert
+from xcp_rbd import cbt, errors, gc, metadata, revert
 from xcp_rbd.attached import USAGE_REFRESH, open_sr
 from xcp_rbd.metadata import dumps, key_prefix, usage_field, volume_field
 
@@ -51,7 +51,7 @@ def _load(sr, key):
     entries = sr.index.read_keys([volume_field(key), usage_field(key)], key_prefix(key))
     found = _split(entries).get(key)
     if found is None:
-        raise protocol.VolumeDoesNotExist(key)
+        raise errors.VolumeDoesNotExist(key)
     return found
 
 
@@ -86,7 +86,7 @@ def _tag_image(sr, name):
 
 def create(dbg, sr, name, description, size, sharable):
     if size < 0:
-        raise protocol.failure("VDI Invalid size", "a disk cannot have %d bytes" % size)
+        raise errors.VdiInvalidSize("a disk cannot have %d bytes" % size)
     size = -(-size // SECTOR) * SECTOR
     with open_sr(sr) as attached:
         attached.record()
@@ -105,8 +105,8 @@ def snapshot(dbg, sr, key):
     with open_sr(sr) as attached:
         record, _, _ = _load(attached, key)
         if record["snap"] is not None:
-            raise protocol.failure(
-                "Not_supported", "volume %s is a snapshot: snapshot its disk instead" % key)
+            raise errors.NotSupported(
+                "volume %s is a snapshot: snapshot its disk instead" % key)
         new = metadata.new_key()
         with attached.image_lock(record["image"]):
             gc.wait_for_flatten(attached, record["image"])
@@ -124,7 +124,7 @@ def _open(sr, key, image, snapshot=None, read_only=False):
     try:
         return sr.image(image, snapshot=snapshot, read_only=read_only)
     except rbd.ImageNotFound:
-        raise protocol.VolumeDoesNotExist(key)
+        raise errors.VolumeDoesNotExist(key)
 
 
 TMP_SNAP_PREFIX = "xcp_rbd.clone."
@@ -179,7 +179,7 @@ def destroy(dbg, sr, key):
     with open_sr(sr) as attached:
         try:
             record, _, _ = _load(attached, key)
-        except protocol.VolumeDoesNotExist:
+        except errors.VolumeDoesNotExist:
             return None
         with attached.image_lock(record["image"]):
             cbt.before_destroy(attached, key, record)
@@ -197,7 +197,7 @@ def destroy(dbg, sr, key):
 def _change_record(sr, key, change):
     with open_sr(sr) as attached:
         if attached.index.update(volume_field(key), change) is None:
-            raise protocol.VolumeDoesNotExist(key)
+            raise errors.VolumeDoesNotExist(key)
 
 
 def set_name(dbg, sr, key, new_name):
@@ -212,7 +212,7 @@ def _write_keys(sr, key, set_values=None, remove=()):
     """Change keys of an existing volume (atomically checked to exist)."""
     def change(entries):
         if volume_field(key) not in entries:
-            raise protocol.VolumeDoesNotExist(key)
+            raise errors.VolumeDoesNotExist(key)
         for field in remove:
             entries.pop(field, None)
         entries.update(set_values or {})
@@ -232,14 +232,13 @@ def resize(dbg, sr, key, new_size):
     with open_sr(sr) as attached:
         record, _, _ = _load(attached, key)
         if record["snap"] is not None:
-            raise protocol.failure("VDI Invalid size",
-                                   "volume %s is a read-only snapshot" % key)
+            raise errors.NotSupported("volume %s is a snapshot: a snapshot cannot be "
+                                      "resized, its disk can" % key)
         new_size = -(-new_size // SECTOR) * SECTOR
         if new_size < record["size"]:
-            raise protocol.StorageError(
-                ["VDI Invalid size", "shrinking not allowed: volume %s has %d bytes, "
-                 "asked for %d" % (key, record["size"], new_size)],
-                code="SR_BACKEND_FAILURE_79")
+            raise errors.VdiInvalidSize(
+                "shrinking not allowed: volume %s has %d bytes, asked for %d"
+                % (key, record["size"], new_size))
         with attached.image_lock(record["image"]):
             with _open(attached, key, record["image"]) as image:
                 image.resize(new_size)
