@@ -113,7 +113,7 @@ def test_rbd_nbd_second_host_is_refused(xapi, sr_uuid, fake_host, tmp_path):
 
 def test_tapdisk_create_frees_what_it_got_when_attach_fails(fake_host, install, tmp_path):
     """A tap-ctl attach that fails leaves no minor allocated (host.tapdisk_create)."""
-    from xcp_rbd import protocol
+    from xcp_rbd import errors
     from xcp_rbd.datapath import host
     failing = tmp_path / "bin"
     failing.mkdir()
@@ -124,7 +124,7 @@ def test_tapdisk_create_frees_what_it_got_when_attach_fails(fake_host, install, 
     path = os.environ["PATH"]
     os.environ["PATH"] = str(failing) + os.pathsep + path
     try:
-        with pytest.raises(protocol.StorageError):
+        with pytest.raises(errors.StorageError):
             host.tapdisk_create("0123456789abcdef")
     finally:
         os.environ["PATH"] = path
@@ -150,9 +150,9 @@ def test_nbd_connect_takes_the_first_free_device(fake_host, install, tmp_path):
 
 
 def test_host_command_failure_is_clear(fake_host, install):
-    from xcp_rbd import protocol
+    from xcp_rbd import errors
     from xcp_rbd.datapath import host
-    with pytest.raises(protocol.StorageError) as failed:
+    with pytest.raises(errors.StorageError) as failed:
         host.tapdisk_close({"pid": 999999, "minor": 0})
     assert failed.value.params[0] == "Host_command_failed"
     assert "tap-ctl close -m 0 -p 999999 failed" in failed.value.params[1]

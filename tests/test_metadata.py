@@ -5,7 +5,7 @@ import threading
 import pytest
 import rados
 
-from xcp_rbd import protocol
+from xcp_rbd import errors
 from xcp_rbd.location import SrLocation
 from xcp_rbd.metadata import BUCKETS, Omap, SrIndex, bucket_of, dumps, new_key, now
 
@@ -105,7 +105,7 @@ def test_changes_to_one_bucket_from_many_threads_are_all_kept(index):
 
 def test_a_write_never_recreates_a_removed_index(ioctx, index):
     index.remove()
-    with pytest.raises(protocol.StorageError) as failure:
+    with pytest.raises(errors.StorageError) as failure:
         index.write({"u.x": "1"})
     assert failure.value.params[0] == "SR_does_not_exist"
     assert index.read() == {}

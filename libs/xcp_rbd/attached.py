@@ -11,7 +11,7 @@ import time
 
 import rbd
 
-from xcp_rbd import bounds, cluster, location, metadata, protocol
+from xcp_rbd import bounds, cluster, errors, location, metadata
 from xcp_rbd.metadata import SrIndex
 from xcp_rbd.records import SR_RECORD, VolumeRecord, usage_field, volume_field
 
@@ -34,14 +34,14 @@ class Sr(object):
         """The SR record, or a clear error if the SR does not exist."""
         value = self.index.read_keys([SR_RECORD]).get(SR_RECORD)
         if value is None:
-            raise protocol.StorageError(["SR_does_not_exist", self.describe()])
+            raise errors.SrDoesNotExist(self.describe())
         return json.loads(value)
 
     def volume_record(self, key):
         """The VolumeRecord of volume `key` (VolumeDoesNotExist if there is none)."""
         value = self.index.read_keys([volume_field(key)]).get(volume_field(key))
         if value is None:
-            raise protocol.VolumeDoesNotExist(key)
+            raise errors.VolumeDoesNotExist(key)
         return VolumeRecord.load(key, value)
 
     def update_volume(self, key, change):

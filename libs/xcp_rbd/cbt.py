@@ -40,7 +40,7 @@ import zlib
 
 import rbd
 
-from xcp_rbd import bounds, ceph_client, gc, log, protocol
+from xcp_rbd import bounds, ceph_client, errors, gc, log, protocol
 from xcp_rbd.attached import open_sr
 from xcp_rbd.records import VOLUME, volumes
 
@@ -70,13 +70,12 @@ def _set_cbt(sr, key, enabled):
     with open_sr(sr) as attached:
         record = attached.volume_record(key)
         if not record.read_write:
-            raise protocol.failure(
-                "Not_supported", "volume %s is a snapshot: CBT is enabled on its disk, "
+            raise errors.NotSupported("volume %s is a snapshot: CBT is enabled on its disk, "
                 "and snapshots taken while it is have it too" % key)
         with attached.image_lock(record.image):
             if attached.update_volume(key, lambda current: current.replace(cbt=enabled)) \
                     is None:
-                raise protocol.VolumeDoesNotExist(key)
+                raise errors.VolumeDoesNotExist(key)
             if not enabled:
                 # A new backup set starts with a full backup (XAPI's rule): no
                 # snapshot will be compared with a later one any more.
@@ -87,8 +86,7 @@ def data_destroy(dbg, sr, key):
     with open_sr(sr) as attached:
         record = attached.volume_record(key)
         if record.read_write:
-            raise protocol.failure(
-                "Not_supported", "volume %s is a disk: only a snapshot's data can be "
+            raise errors.NotSupported("volume %s is a disk: only a snapshot's data can be "
                 "destroyed" % key)
         name = record.image
         with attached.image_lock(name):
@@ -97,10 +95,10 @@ def data_destroy(dbg, sr, key):
                     with attached.image(name, read_only=True) as image:
                         snap_id = ceph_client.snap_id(image, record.snap)
                 except rbd.ImageNotFound:
-                    raise protocol.VolumeDoesNotExist(key)
+                    raise errors.VolumeDoesNotExist(key)
                 if attached.update_volume(key, lambda current: current.replace(
                         data_destroyed=True, snap_id=snap_id)) is None:
-                    raise protocol.VolumeDoesNotExist(key)
+                    raise errors.VolumeDoesNotExist(key)
             release_destroyed(attached, name)
 
 
@@ -110,8 +108,8 @@ def list_changed_blocks(dbg, sr, key, key2, offset, length):
     length -1 is up to the end of the larger volume; offset is a multiple of
     64 KiB (the bitmap's blocks are the disk's, as the stored changes are)."""
     if offset < 0 or offset % GRANULARITY or length < -1:
-        raise protocol.failure(
-            "Invalid_parameters", "offset must be a multiple of %d and length -1 (to the "
+        raise errors.InvalidParameters(
+            "offset must be a multiple of %d and length -1 (to the "
             "end) or positive, not offset %d length %d" % (GRANULARITY, offset, length))
     with open_sr(sr) as attached:
         for attempt in range(_ATTEMPTS):
@@ -120,8 +118,8 @@ def list_changed_blocks(dbg, sr, key, key2, offset, length):
                 break
             except rbd.ImageNotFound:
                 if attempt == _ATTEMPTS - 1:
-                    raise protocol.failure(
-                        "Busy", "a snapshot of %s or %s was missing or removed %d times "
+                    raise errors.Busy(
+                        "a snapshot of %s or %s was missing or removed %d times "
                         "while it was read: try again" % (key, key2, _ATTEMPTS))
     return {"granularity": GRANULARITY,
             "bitmap": base64.b64encode(_encode(bits, count)).decode("ascii")}
@@ -206,8 +204,7 @@ def before_destroy(attached, key, record):
 def check_readable(key, record):
     """Refuse to clone a snapshot whose data was destroyed."""
     if record.data_destroyed:
-        raise protocol.failure(
-            "Volume_data_destroyed", "the data of snapshot %s was destroyed (data_destroy): "
+        raise errors.VolumeDataDestroyed("the data of snapshot %s was destroyed (data_destroy): "
             "only its changed-block tracking metadata is left" % key)
 
 
@@ -217,12 +214,11 @@ def _compare(attached, key, key2, start, length):
     every = volumes(attached.index.read(prefix=VOLUME))
     for k in (key, key2):
         if k not in every:
-            raise protocol.VolumeDoesNotExist(k)
+            raise errors.VolumeDoesNotExist(k)
     source, target = every[key], every[key2]
     name = source.image
     if target.image != name:
-        raise protocol.failure(
-            "Source and target VDI are unrelated", "%s and %s are not snapshots of one RBD "
+        raise errors.UnrelatedVolumes("%s and %s are not snapshots of one RBD "
             "image (a clone of a snapshot whose disk still existed): their changed blocks "
             "cannot be listed exactly, take a full backup" % (key, key2))
     size = max(source.size, target.size)
@@ -234,8 +230,8 @@ def _compare(attached, key, key2, start, length):
     ids = _snap_ids(attached, name)
     target_at = _position(key2, target, ids)
     if _position(key, source, ids) > target_at:
-        raise protocol.failure(
-            "Invalid_parameters", "%s is older than %s: list the blocks changed from the "
+        raise errors.InvalidParameters(
+            "%s is older than %s: list the blocks changed from the "
             "older volume to the newer one" % (key2, key))
     bits = 0
     current = key
@@ -245,18 +241,17 @@ def _compare(attached, key, key2, start, length):
         if following == key2:
             return _window(bits, start, count, target.size), count
         if following not in records:
-            raise protocol.failure(
-                "VDI_NO_CBT_METADATA", "the changes after snapshot %s are no longer known "
+            raise errors.NoCbtMetadata(
+                "the changes after snapshot %s are no longer known "
                 "(CBT was disabled, or its disk or the snapshot after it destroyed, before "
                 "a later snapshot was taken): take a full backup" % current)
         if _position(following, records[following], ids) > target_at:
-            raise protocol.failure(
-                "VDI_NO_CBT_METADATA", "the data of %s was destroyed and the changes "
+            raise errors.NoCbtMetadata(
+                "the data of %s was destroyed and the changes "
                 "around it are only known from %s to %s" % (key2, current, following))
         current = following
     if target.data_freed:
-        raise protocol.failure(
-            "VDI_NO_CBT_METADATA", "the data of %s was destroyed: compare %s with a later "
+        raise errors.NoCbtMetadata("the data of %s was destroyed: compare %s with a later "
             "snapshot" % (key2, key))
     bits |= _rbd_changed(attached, name, records[current].snap, target, start,
                          min(end, target.size))

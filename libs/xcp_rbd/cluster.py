@@ -7,7 +7,7 @@ bounded time instead of a hung XAPI operation.
 
 import os
 
-from xcp_rbd import bounds, protocol
+from xcp_rbd import bounds, errors, protocol
 
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
 DEFAULT_TIMEOUT = 10
@@ -54,8 +54,7 @@ class ClusterConfig(object):
                 if values["timeout"] <= 0:
                     raise ValueError()
             except ValueError:
-                raise protocol.failure(
-                    "Invalid_configuration",
+                raise errors.InvalidConfiguration(
                     "timeout must be a positive number of seconds, not %r"
                     % mapping["timeout"])
         if values.get("user", "").startswith("client."):
@@ -107,13 +106,12 @@ class Connection(object):
             bounds.call(config.timeout), "%s did not answer within %d seconds" % (
                 config.describe(), bounds.call(config.timeout)))
         if not os.path.isfile(config.conf) and not config.mon_host:
-            raise protocol.failure(
-                "Invalid_configuration",
+            raise errors.InvalidConfiguration(
                 "Ceph configuration file %s does not exist and no mon_host is given"
                 % config.conf)
         if config.keyring and not os.path.isfile(config.keyring):
-            raise protocol.failure(
-                "Invalid_configuration", "keyring file %s does not exist" % config.keyring)
+            raise errors.InvalidConfiguration(
+                "keyring file %s does not exist" % config.keyring)
         handle = rados.Rados(
             rados_id=config.user, clustername=config.cluster,
             conffile=config.conf if os.path.isfile(config.conf) else "",
@@ -122,14 +120,13 @@ class Connection(object):
             handle.connect(timeout=config.timeout)
         except rados.PermissionDeniedError:
             handle.shutdown()
-            raise protocol.failure(
-                "Ceph_permission_denied",
+            raise errors.CephPermissionDenied(
                 "%s refused client.%s: check the user and its keyring"
                 % (config.describe(), config.user))
         except (rados.TimedOut, rados.Error) as exc:
             handle.shutdown()
-            raise protocol.failure(
-                "Ceph_unreachable", "cannot connect to %s: %s" % (config.describe(), exc))
+            raise errors.CephUnreachable(
+                "cannot connect to %s: %s" % (config.describe(), exc))
         self.rados = handle
         return self
 
@@ -140,19 +137,19 @@ class Connection(object):
         full = self._full() if timed_out else []
         self.rados.shutdown()
         if full:
-            raise protocol.failure(
-                "Ceph_pool_full", "%s is full, so its writes wait: %s. Add capacity or "
-                "raise the pool's quota (ceph osd pool set-quota <pool> max_bytes ...); "
-                "then VDIs can be destroyed to free space" % (
+            raise errors.CephPoolFull(
+                "%s is full, so its writes wait: %s. Add capacity or raise the pool's "
+                "quota (ceph osd pool set-quota <pool> max_bytes ...); then VDIs can be "
+                "destroyed to free space" % (
                     self.config.describe(), "; ".join(full)))
         if timed_out:
-            raise protocol.failure(
-                "Ceph_unreachable", "%s did not answer within %d seconds (%s)"
+            raise errors.CephUnreachable(
+                "%s did not answer within %d seconds (%s)"
                 % (self.config.describe(), self.config.timeout, exc))
         if exc_type is not None and issubclass(exc_type, (rados.PermissionError,
                                                           rbd.PermissionError)):
-            raise protocol.failure(
-                "Ceph_permission_denied", "client.%s is not allowed to do this on %s (%s)"
+            raise errors.CephPermissionDenied(
+                "client.%s is not allowed to do this on %s (%s)"
                 % (self.config.user, self.config.describe(), exc))
 
     def _full(self):
@@ -161,7 +158,7 @@ class Connection(object):
         out, which would otherwise read as a cluster that does not answer."""
         try:
             health = self.mon_command("health", detail="detail")
-        except (protocol.StorageError, ValueError):
+        except (errors.StorageError, ValueError):
             return []  # the monitors do not answer either: unreachable it is
         checks = (health or {}).get("checks", {})
         found = []
@@ -178,8 +175,8 @@ class Connection(object):
         try:
             ioctx = self.rados.open_ioctx(pool)
         except rados.ObjectNotFound:
-            raise protocol.failure(
-                "Ceph_pool_missing", "pool '%s' does not exist in %s"
+            raise errors.CephPoolMissing(
+                "pool '%s' does not exist in %s"
                 % (pool, self.config.describe()))
         ioctx.set_namespace(namespace)
         return ioctx
@@ -197,7 +194,7 @@ class Connection(object):
         (stable)"), or why it could not be read."""
         try:
             return self.mon_command("version")["version"]
-        except (protocol.StorageError, KeyError, TypeError) as exc:
+        except (errors.StorageError, KeyError, TypeError) as exc:
             return "unknown (%s)" % exc
 
     def _command(self, send, prefix, args):
@@ -205,7 +202,7 @@ class Connection(object):
         args.update(prefix=prefix, format="json")
         ret, out, err = send(json.dumps(args), b"", timeout=self.config.timeout)
         if ret != 0:
-            raise protocol.failure(
-                "Ceph_command_failed", "'%s' failed on %s: %s (error %d)"
+            raise errors.CephCommandFailed(
+                "'%s' failed on %s: %s (error %d)"
                 % (prefix, self.config.describe(), err or os.strerror(-ret), -ret))
         return json.loads(out.decode("utf-8")) if out else None

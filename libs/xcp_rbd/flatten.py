@@ -18,7 +18,7 @@ import time
 
 import rbd
 
-from xcp_rbd import bounds, log, metadata, protocol
+from xcp_rbd import bounds, errors, log, metadata
 from xcp_rbd.records import JOB, job_field, owner, volumes
 
 
@@ -76,8 +76,7 @@ def wait_for_flatten(sr, name):
         if not listed and not unknown:
             return
         if not retry.again():
-            raise protocol.failure(
-                "Busy", "disk image %s is being flattened in the background (Ceph manager "
+            raise errors.Busy("disk image %s is being flattened in the background (Ceph manager "
                 "task %s) and cannot be snapshotted until that ends%s: try again in a "
                 "moment" % (name, task, " (the manager does not say whether it runs: %s)"
                             % unknown if unknown else ""))
@@ -88,7 +87,7 @@ def _mgr_task_listed(sr, task):
     could not be known, or "")."""
     try:
         tasks = sr.connection.mgr_command("rbd task list")
-    except protocol.StorageError as exc:
+    except errors.StorageError as exc:
         return False, exc.params[-1]
     return any(t["id"] == task for t in tasks), ""
 
@@ -134,7 +133,7 @@ def _queue_in_manager(sr, name):
     spec = "/".join(p for p in (sr.location.pool, sr.location.namespace, name) if p)
     try:
         return sr.connection.mgr_command("rbd task add flatten", image_spec=spec)["id"]
-    except protocol.StorageError as exc:
+    except errors.StorageError as exc:
         log.info("Ceph's manager cannot flatten %s (%s): flattening here", name, exc)
         return None
 
@@ -157,7 +156,7 @@ def status(sr, entries, images):
     chain depth} of the clones among `images`), for diagnostics."""
     try:
         tasks = {t["id"]: t for t in sr.connection.mgr_command("rbd task list")}
-    except protocol.StorageError:
+    except errors.StorageError:
         tasks = {}
     jobs = []
     for field, value in sorted(entries.items()):

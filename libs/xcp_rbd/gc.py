@@ -29,7 +29,7 @@ import time
 import rados
 import rbd
 
-from xcp_rbd import bounds, flatten, log, metadata, protocol
+from xcp_rbd import bounds, errors, flatten, log, metadata, protocol
 from xcp_rbd.attached import USAGE_REFRESH, open_sr
 from xcp_rbd.records import (GC_LAST_FULL, GC_STATS, JOB, KEYS, SR_RECORD, USAGE, VOLUME,
                              owner, references, usage_field, volumes)
@@ -343,11 +343,11 @@ def destroy_everything(sr):
     collect(sr, wait=2 * GC_LEASE, full=True)
     left = sr.remains()
     if left:
-        raise protocol.failure(
-            "SR_not_empty", "%s still holds images %s: clones in another SR, open by "
-                            "a VM, or what a killed operation left, which the collector "
-                            "removes once its lock runs out (retry in %d s)" % (
-                                sr.describe(), ", ".join(sorted(left)), metadata.LOCK_LEASE))
+        raise errors.SrNotEmpty(
+            "%s still holds images %s: clones in another SR, open by a VM, or what a "
+            "killed operation left, which the collector removes once its lock runs out "
+            "(retry in %d s)" % (sr.describe(), ", ".join(sorted(left)),
+                                 metadata.LOCK_LEASE))
 
 
 def start(sr):
@@ -367,7 +367,7 @@ def status(sr):
     """What the SR holds and what waits for the collector (diagnostics, the tool)."""
     entries = sr.index.read()
     if SR_RECORD not in entries:
-        raise protocol.StorageError(["SR_does_not_exist", sr.describe()])
+        raise errors.SrDoesNotExist(sr.describe())
     live, snapshots = references(entries)
     names = [entry["name"] for entry in sr.rbd.list2(sr.ioctx)]
     trash = [entry["name"] for entry in sr.rbd.trash_list(sr.ioctx)]

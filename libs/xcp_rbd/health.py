@@ -20,7 +20,7 @@ manager that just restarted) gets the cluster's raw capacity, and says so.
 
 import re
 
-from xcp_rbd import protocol
+from xcp_rbd import errors
 
 _PG_OF_POOL = re.compile(r"\bpg (\d+)\.[0-9a-f]+\b")
 _CLUSTER_WIDE_FULL = ("OSD_FULL",)
@@ -48,7 +48,7 @@ def _pool_statistics(connection, pool):
     """(the pool's `ceph df` statistics or None, why there are none)."""
     try:
         report = connection.mon_command("df", detail="detail")
-    except protocol.StorageError as exc:
+    except errors.StorageError as exc:
         return None, "the cluster gave no pool statistics (%s)" % exc.params[-1]
     for entry in report.get("pools", []):
         if entry["name"] == pool:

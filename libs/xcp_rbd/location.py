@@ -11,7 +11,7 @@ conf and keyring files, never a key), so no call depends on host state.
 
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-from xcp_rbd import protocol
+from xcp_rbd import errors
 from xcp_rbd.cluster import ClusterConfig
 
 SR_SCHEME = "rbd"
@@ -36,9 +36,8 @@ def _parse(scheme, text, count, what):
     parts = ([split.netloc] + split.path.split("/")[1:]) if split.netloc else []
     if split.scheme != scheme or len(parts) != count or not all(
             parts[:1] + parts[2:]):
-        raise protocol.failure(
-            "Invalid_parameters", "%r is not a %s of this plugin (%s://...)"
-            % (text, what, scheme))
+        raise errors.InvalidParameters(
+            "%r is not a %s of this plugin (%s://...)" % (text, what, scheme))
     return [unquote(p) for p in parts], dict(parse_qsl(split.query))
 
 
@@ -72,14 +71,14 @@ class SrLocation(object):
         """From device-config or the sr string's query; a clear error on bad values."""
         datapath = mapping.get("datapath") or DEFAULT_DATAPATH
         if datapath not in DATAPATH_BACKENDS:
-            raise protocol.failure(
-                "Invalid_configuration", "datapath must be one of %s, not %r"
+            raise errors.InvalidConfiguration(
+                "datapath must be one of %s, not %r"
                 % (", ".join(DATAPATH_BACKENDS), datapath))
         depth = mapping.get("max_chain_depth") or str(DEFAULT_MAX_CHAIN_DEPTH)
         if not depth.isdigit() or not 1 <= int(depth) <= MAX_CHAIN_DEPTH_LIMIT:
-            raise protocol.failure(
-                "Invalid_configuration", "max_chain_depth must be a whole number from 1 "
-                "to %d, not %r" % (MAX_CHAIN_DEPTH_LIMIT, depth))
+            raise errors.InvalidConfiguration(
+                "max_chain_depth must be a whole number from 1 to %d, not %r"
+                % (MAX_CHAIN_DEPTH_LIMIT, depth))
         return cls(pool, namespace, sr_uuid, ClusterConfig.from_mapping(mapping),
                    datapath, int(depth))
 
@@ -112,8 +111,8 @@ class VolumeLocation(object):
         (pool, namespace, image), query = _parse(DATAPATH_SCHEME, uri, 3, "volume uri")
         backend = query.get("backend", DEFAULT_DATAPATH)
         if backend not in DATAPATH_BACKENDS:
-            raise protocol.failure(
-                "Invalid_parameters", "unknown datapath backend %r in %r (one of %s)"
+            raise errors.InvalidParameters(
+                "unknown datapath backend %r in %r (one of %s)"
                 % (backend, uri, ", ".join(DATAPATH_BACKENDS)))
         return cls(pool, namespace, image, query.get("snap") or None, backend,
                    ClusterConfig.from_mapping(query), query.get("data_destroyed") == "1")

@@ -21,7 +21,7 @@ import time
 
 import rados
 
-from xcp_rbd import bounds, ceph_client, log, protocol
+from xcp_rbd import bounds, ceph_client, errors, log
 
 REGISTRY = "xcp_rbd.srs"
 INDEX_PREFIX = "xcp_rbd.sr."
@@ -197,13 +197,11 @@ class SrIndex(object):
                 return result
             except Conflict:
                 if not retry.again():
-                    raise protocol.failure(
-                        "Busy", "the SR index %s changed constantly for %d s: try again"
+                    raise errors.Busy("the SR index %s changed constantly for %d s: try again"
                         % (self.omap.name, retry.seconds))
             except rados.ObjectNotFound:
-                raise protocol.StorageError(
-                    ["SR_does_not_exist", "the index %s of this SR is gone (was the SR "
-                     "destroyed?)" % self.omap.name])
+                raise errors.SrDoesNotExist("the index %s of this SR is gone (was the SR "
+                                            "destroyed?)" % self.omap.name)
 
     def write(self, set_values=None, remove=(), remove_prefixes=()):
         """Set and remove fields, and every field under remove_prefixes, atomically."""
@@ -283,8 +281,7 @@ class ClusterLock(object):
         retry = bounds.Retry(self.wait)
         while not self.try_acquire():
             if not retry.again():
-                raise protocol.failure(
-                    "Busy", "%s is busy with another operation (from any host) for "
+                raise errors.Busy("%s is busy with another operation (from any host) for "
                     "more than %d s: try again" % (self.what, self.wait))
         return self
 

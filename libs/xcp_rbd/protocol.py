@@ -6,8 +6,12 @@ JSON object of named parameters on stdin and reads stdout:
 - failure: exit 1 and {"code", "params", "backtrace": {"error", "files", "lines"}}.
 Everything a plugin script does goes through `serve`, so nothing but that JSON
 ever reaches stdout, whatever fails, and no call runs longer than its bound.
+The errors are those of the catalogue (errors.py); error_document is the one
+place that turns an exception into the failure JSON, and gives any other
+exception one of the catalogue's errors.
 """
 
+import contextlib
 import importlib
 import json
 import os
@@ -15,47 +19,7 @@ import sys
 import threading
 import time
 
-from xcp_rbd import idl, log
-
-_BACKEND_FAILURE = "SR_BACKEND_FAILURE"
-
-
-class StorageError(Exception):
-    """An error for the administrator: XAPI shows `code` and `params` as they are."""
-
-    def __init__(self, params, code=_BACKEND_FAILURE):
-        super(StorageError, self).__init__(": ".join(params))
-        self.code = code
-        self.params = list(params)
-
-
-def failure(reason, message):
-    """SR_BACKEND_FAILURE [reason, message]: the usual shape of our errors."""
-    return StorageError([reason, message])
-
-
-class VolumeDoesNotExist(StorageError):
-    def __init__(self, key):
-        super(VolumeDoesNotExist, self).__init__(["Volume_does_not_exist", key])
-
-
-class SrNotAttached(StorageError):
-    def __init__(self, sr):
-        super(SrNotAttached, self).__init__(["Sr_not_attached", sr])
-
-
-class ActivatedOnAnotherHost(StorageError):
-    """XAPI recognises this one by its params and redirects the call to that host."""
-
-    def __init__(self, host_uuid):
-        super(ActivatedOnAnotherHost, self).__init__(
-            ["Activated_on_another_host", host_uuid])
-
-
-class Unimplemented(StorageError):
-    def __init__(self, name):
-        super(Unimplemented, self).__init__(["Unimplemented", name])
-
+from xcp_rbd import errors, idl, log
 
 # What to install for a module the plugins import, on XCP-ng 8.3 (EL7).
 _PACKAGES = {
@@ -77,25 +41,54 @@ def missing_dependency(exc):
 
 def error_document(exc, tb=None):
     """The failure JSON for an exception (what xapi.handle_exception prints)."""
-    if isinstance(exc, StorageError):
-        code, params = exc.code, exc.params
-    elif isinstance(exc, idl.IdlError):
-        code, params = _BACKEND_FAILURE, ["Invalid_parameters", str(exc)]
-    elif isinstance(exc, ImportError):
-        code, params = _BACKEND_FAILURE, ["Missing_dependency", missing_dependency(exc)]
-    else:
-        code, params = _BACKEND_FAILURE, [type(exc).__name__, str(exc)]
     import traceback  # only failures pay for it
+    error = catalogued(exc)
+    if isinstance(error, errors.InternalError):  # the traceback its words point to
+        log.error("unexpected error:\n%s",
+                  "".join(traceback.format_exception(type(exc), exc, tb)))
     frames = traceback.extract_tb(tb) if tb is not None else []
     return {
-        "code": code,
-        "params": [str(p) for p in params],
+        "code": error.code,
+        "params": [str(p) for p in error.params],
         "backtrace": {
             "error": str(exc),
             "files": [frame[0] for frame in frames],
             "lines": [frame[1] for frame in frames],
         },
     }
+
+
+def catalogued(exc):
+    """`exc` as an error of the catalogue (errors): itself if it is one."""
+    if isinstance(exc, errors.StorageError):
+        return exc
+    if isinstance(exc, idl.IdlError):
+        return errors.InvalidParameters(str(exc))
+    if isinstance(exc, ImportError):
+        return errors.MissingDependency(missing_dependency(exc))
+    return _ceph_error(exc) or errors.InternalError(
+        "an unexpected error in the plugin (%s: %s); see /var/log/SMlog"
+        % (type(exc).__name__, exc))
+
+
+def _ceph_error(exc):
+    """The words for a librados/librbd exception that no caller mapped (the
+    Connection maps time-outs and permissions), or None for any other exception.
+    The bindings are not imported here: an exception of theirs means they are."""
+    rados, rbd = sys.modules.get("rados"), sys.modules.get("rbd")
+    if rbd is not None and isinstance(exc, rbd.ImageBusy):
+        return errors.VolumeInUse(
+            "the RBD image is in use: open by a VM, or locked by an operation of this "
+            "or another host (%s); try again once it is closed" % exc)
+    if rados is not None and isinstance(exc, rados.NoSpace):
+        return errors.CephPoolFull(
+            "the pool is full: the cluster refused a write (%s). Add capacity or raise "
+            "the pool's quota, then VDIs can be destroyed to free space" % exc)
+    if any(module is not None and isinstance(exc, module.Error) for module in (rados, rbd)):
+        return errors.CephCommandFailed(
+            "the cluster refused an operation of the plugin (%s: %s)"
+            % (type(exc).__name__, exc))
+    return None
 
 
 class _Output(object):
@@ -128,22 +121,28 @@ _output = _Output()
 class _Watchdog(object):
     """One thread that ends the call when its deadline passes: arming moves the
     deadline (cheap: no thread per arm, so progress callbacks may arm it at
-    every step), and a call-wide limit caps every later arming."""
+    every step), and a call-wide limit caps every later arming. Its error says
+    what the call was waiting for then: a program of this host (waiting_for),
+    or else the cluster."""
 
     def __init__(self):
         self.enabled = False
         self.answer = None
         self.deadline = None
+        self.bound = None  # seconds the last arming gave
         self.explanation = ""
         self.limit = None  # (deadline, explanation) that no arming goes past
+        self.program = None  # (what, since) of waiting_for, or None
         self._wake = threading.Event()
         self._thread = None
 
     def arm(self, seconds, explanation):
-        deadline = time.monotonic() + seconds
+        armed = time.monotonic()
+        deadline = armed + seconds
         if self.limit is not None and deadline > self.limit[0]:
             deadline, explanation = self.limit
         self.deadline, self.explanation = deadline, explanation
+        self.bound = deadline - armed
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, daemon=True)
             self._thread.start()
@@ -157,7 +156,16 @@ class _Watchdog(object):
                 break
         if self.answer is not None:
             _output.abort(self.answer(self.explanation), 0)
-        _output.abort(error_document(failure("Ceph_unreachable", self.explanation)))
+        _output.abort(error_document(self.error()))
+
+    def error(self):
+        """The error of a call whose bound ran out now."""
+        if self.program is None:
+            return errors.CephUnreachable(self.explanation)
+        what, since = self.program
+        return errors.HostProgramTimeout(
+            "the call's bound (%.0f s) ran out after %.0f s of waiting for %s"
+            % (self.bound, time.monotonic() - since, what))
 
 
 _watchdog = _Watchdog()
@@ -177,7 +185,8 @@ def enable_watchdog():
 
 
 def arm_watchdog(seconds, explanation):
-    """Fail the call with `explanation` unless it ends or re-arms within `seconds`.
+    """Fail the call unless it ends or re-arms within `seconds`: Ceph_unreachable
+    with `explanation`, or the host program it waits for then (waiting_for).
 
     librados bounds most waits with its own timeouts, but not all of them
     (e.g. a monitor that accepts connections and never answers); neither
@@ -195,6 +204,18 @@ def watchdog_remaining():
     return _watchdog.deadline - time.monotonic()
 
 
+@contextlib.contextmanager
+def waiting_for(what):
+    """While in the block, the call waits for `what`, a program of this host (its
+    command line, or qemu's QMP monitor): should the watchdog end the call
+    meanwhile, its error names that program, not the cluster."""
+    outer, _watchdog.program = _watchdog.program, (what, time.monotonic())
+    try:
+        yield
+    finally:
+        _watchdog.program = outer
+
+
 def limit_call(seconds, explanation):
     """Bound the whole call to `seconds` from now: later armings (each connection's,
     each step's) cannot move the watchdog past it."""
@@ -208,8 +229,8 @@ def read_arguments(stream):
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise failure("Invalid_parameters",
-                      "stdin is not one JSON object of parameters (%s)" % exc)
+        raise errors.InvalidParameters(
+            "stdin is not one JSON object of parameters (%s)" % exc)
 
 
 def serve(table, argv=None, stdin=None):
@@ -229,11 +250,11 @@ def serve(table, argv=None, stdin=None):
         method = idl.METHODS.get(name.lower())
         handler = handlers.get(name.lower())
         if method is None or handler is None:
-            raise Unimplemented(name)
+            raise errors.Unimplemented(name)
         if "--json" not in argv[1:] and "-j" not in argv[1:]:
-            raise failure("Invalid_parameters",
-                          "%s is a SMAPIv3 script: run it with --json and the "
-                          "parameters as a JSON object on stdin" % name)
+            raise errors.InvalidParameters(
+                "%s is a SMAPIv3 script: run it with --json and the parameters as a "
+                "JSON object on stdin" % name)
         args = read_arguments(stdin)
         kwargs = method.check_args(args)
         log.set_context(name, kwargs["dbg"])

@@ -17,7 +17,7 @@ of the wrong type) with an error naming the volume, rather than a KeyError later
 
 import json
 
-from xcp_rbd import protocol
+from xcp_rbd import errors
 from xcp_rbd.metadata import dumps, now
 
 SR_RECORD = "sr"
@@ -101,8 +101,7 @@ class VolumeRecord(object):
                 raise ValueError("not a JSON object")
             return cls(**values)
         except ValueError as exc:
-            raise protocol.failure(
-                "Volume_record_invalid", "the index record of volume %s cannot be read "
+            raise errors.VolumeRecordInvalid("the index record of volume %s cannot be read "
                 "(%s): it was written by another version of xcp-rbd, or damaged" % (key, exc))
 
     @classmethod

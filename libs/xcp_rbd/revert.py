@@ -14,7 +14,7 @@ network), never run while the image is open (a VM's writes would mix with it) or
 while it is being flattened (see flatten.wait_for_flatten).
 """
 
-from xcp_rbd import cbt, flatten, log, protocol
+from xcp_rbd import cbt, errors, flatten, log
 from xcp_rbd.attached import open_sr
 from xcp_rbd.records import (VOLUME, VolumeRecord, key_prefix, references, usage_field,
                              volume_field)
@@ -32,9 +32,9 @@ def revert(dbg, sr, snapshot, key):
             _check(snapshot, snap, key, disk)
             flatten.wait_for_flatten(attached, name)
             if _watchers(attached, name):
-                raise protocol.failure(
-                    "Volume_in_use", "disk %s is open (a running VM, or a host that did not "
-                    "deactivate it: watchers %s): shut the VM down, then revert"
+                raise errors.VolumeInUse(
+                    "disk %s is open (a running VM, or a host that did not deactivate it: "
+                    "watchers %s): shut the VM down, then revert"
                     % (key, ", ".join(_watchers(attached, name))))
             size = _rollback(attached, name, snap.snap)
             attached.index.write({volume_field(key): disk.replace(size=size).dumps()},
@@ -44,15 +44,14 @@ def revert(dbg, sr, snapshot, key):
 
 def _check(snapshot, snap, key, disk):
     if snap.read_write:
-        raise protocol.failure("Not_supported", "volume %s is a disk, not a snapshot: "
+        raise errors.NotSupported("volume %s is a disk, not a snapshot: "
                                "only a snapshot can be reverted to" % snapshot)
     if not disk.read_write:
-        raise protocol.failure("Not_supported", "volume %s is a snapshot: only a disk can "
+        raise errors.NotSupported("volume %s is a snapshot: only a disk can "
                                "be reverted" % key)
     cbt.check_readable(snapshot, snap)
     if snap.image != disk.image:
-        raise protocol.failure(
-            "Not_supported", "snapshot %s is not a snapshot of disk %s's own RBD image (%s, "
+        raise errors.NotSupported("snapshot %s is not a snapshot of disk %s's own RBD image (%s, "
             "not %s: the disk was made by a clone-based revert): revert it the clone-based "
             "way (xcp-rbd-xapi snapshot-revert)" % (snapshot, key, snap.image, disk.image))
 

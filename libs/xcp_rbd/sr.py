@@ -11,7 +11,7 @@ import os
 import rados
 import rbd
 
-from xcp_rbd import cluster, gc, health, location, log, metadata, protocol, volume
+from xcp_rbd import cluster, errors, gc, health, location, log, metadata, protocol, volume
 from xcp_rbd.attached import open_sr
 from xcp_rbd.metadata import Omap, SrIndex, dumps
 from xcp_rbd.records import SR_RECORD
@@ -33,8 +33,8 @@ SR_DOC = {
 def _location_from_config(configuration, sr_uuid=None):
     pool = configuration.get("pool")
     if not pool:
-        raise protocol.failure("Invalid_configuration",
-                               "device-config:pool (the RBD pool of the SR) is required")
+        raise errors.InvalidConfiguration(
+            "device-config:pool (the RBD pool of the SR) is required")
     return location.SrLocation.from_mapping(
         pool, configuration.get("namespace", ""),
         sr_uuid or configuration.get("sr_uuid", ""), configuration)
@@ -44,16 +44,16 @@ def _check_rbd_pool(connection, where):
     ioctx = connection.open_pool(where.pool)
     try:
         if "rbd" not in ioctx.application_list():
-            raise protocol.failure(
-                "Ceph_pool_not_rbd", "pool '%s' is not an RBD pool (enable it with "
+            raise errors.CephPoolNotRbd(
+                "pool '%s' is not an RBD pool (enable it with "
                 "'rbd pool init %s')" % (where.pool, where.pool))
     finally:
         ioctx.close()
 
 
 def _permission_denied(where, doing):
-    return protocol.failure(
-        "Ceph_permission_denied", "client.%s may not %s in %s: give it osd and mgr "
+    return errors.CephPermissionDenied(
+        "client.%s may not %s in %s: give it osd and mgr "
         "'profile rbd pool=%s'" % (where.cluster.user, doing, where.describe(), where.pool,))
 
 
@@ -71,8 +71,8 @@ def create(dbg, uuid, configuration, name, description):
             rbd_api = rbd.RBD()
             if not rbd_api.namespace_exists(default_ns, where.namespace):
                 if not owned:
-                    raise protocol.failure(
-                        "Ceph_namespace_missing", "namespace '%s' does not exist in pool "
+                    raise errors.CephNamespaceMissing(
+                        "namespace '%s' does not exist in pool "
                         "'%s' (create it with 'rbd namespace create %s/%s', or leave "
                         "device-config:namespace out)" % (
                             where.namespace, where.pool, where.pool, where.namespace))
@@ -99,8 +99,8 @@ def create(dbg, uuid, configuration, name, description):
 def attach(dbg, configuration):
     where = _location_from_config(configuration)
     if not where.sr_uuid:
-        raise protocol.failure("Invalid_configuration",
-                               "device-config:sr_uuid is missing: it is set by SR.create")
+        raise errors.InvalidConfiguration(
+            "device-config:sr_uuid is missing: it is set by SR.create")
     sr = str(where)
     with open_sr(sr) as attached:
         attached.record()
@@ -172,9 +172,7 @@ def _stat(sr, where):
             record = attached.record()
             total, free, unknown = health.capacity(attached.connection, where.pool)
             status, message = health.health(attached.connection, where.pool)
-    except protocol.StorageError as exc:
-        if exc.params[0] != "Ceph_unreachable":
-            raise
+    except errors.CephUnreachable as exc:
         return _unreachable(sr, where, exc.params[-1])
     return _stat_result(sr, record, total, free,
                         [status, "; ".join(text for text in (message, unknown) if text)])
@@ -215,7 +213,7 @@ def ls(dbg, sr):
     with open_sr(sr) as attached:
         entries = attached.index.read()
         if SR_RECORD not in entries:
-            raise protocol.StorageError(["SR_does_not_exist", attached.describe()])
+            raise errors.SrDoesNotExist(attached.describe())
         return volume.views(attached, entries)
 
 
@@ -251,7 +249,7 @@ def _probe_pool(dbg, configuration):
         config.update(sr_uuid=sr_uuid, namespace=found.namespace)
         try:
             sr_stat = _stat(str(found), found)
-        except protocol.StorageError as exc:
+        except errors.StorageError as exc:
             log.warning("probe: SR %s is registered but unreadable: %s", sr_uuid, exc)
             continue
         results.append({"configuration": config, "complete": True, "sr": sr_stat,

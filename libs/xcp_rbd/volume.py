@@ -18,7 +18,7 @@ import time
 
 import rbd
 
-from xcp_rbd import cbt, flatten, gc, metadata, protocol, revert
+from xcp_rbd import cbt, errors, flatten, gc, metadata, revert
 from xcp_rbd.attached import USAGE_REFRESH, open_sr
 from xcp_rbd.records import (KEYS, USAGE, VolumeRecord, key_prefix, owner, usage_field,
                              volume_field, volumes)
@@ -49,7 +49,7 @@ def _read_with_keys(attached, key):
     entries = attached.index.read_keys([volume_field(key), usage_field(key)], key_prefix(key))
     found = _volumes_with_keys(entries).get(key)
     if found is None:
-        raise protocol.VolumeDoesNotExist(key)
+        raise errors.VolumeDoesNotExist(key)
     return found
 
 
@@ -77,7 +77,7 @@ def _tag_image(attached, name):
 
 def create(dbg, sr, name, description, size, sharable):
     if size < 0:
-        raise protocol.failure("VDI Invalid size", "a disk cannot have %d bytes" % size)
+        raise errors.VdiInvalidSize("a disk cannot have %d bytes" % size)
     size = -(-size // SECTOR) * SECTOR
     with open_sr(sr) as attached:
         attached.record()
@@ -96,8 +96,7 @@ def snapshot(dbg, sr, key):
     with open_sr(sr) as attached:
         record = attached.volume_record(key)
         if not record.read_write:
-            raise protocol.failure(
-                "Not_supported", "volume %s is a snapshot: snapshot its disk instead" % key)
+            raise errors.NotSupported("volume %s is a snapshot: snapshot its disk instead" % key)
         new = metadata.new_key()
         with attached.image_lock(record.image):
             flatten.wait_for_flatten(attached, record.image)
@@ -115,7 +114,7 @@ def _open(attached, key, image, snapshot=None, read_only=False):
     try:
         return attached.image(image, snapshot=snapshot, read_only=read_only)
     except rbd.ImageNotFound:
-        raise protocol.VolumeDoesNotExist(key)
+        raise errors.VolumeDoesNotExist(key)
 
 
 TMP_SNAP_PREFIX = "xcp_rbd.clone."
@@ -168,7 +167,7 @@ def destroy(dbg, sr, key):
     with open_sr(sr) as attached:
         try:
             record = attached.volume_record(key)
-        except protocol.VolumeDoesNotExist:
+        except errors.VolumeDoesNotExist:
             return None
         with attached.image_lock(record.image):
             cbt.before_destroy(attached, key, record)
@@ -186,7 +185,7 @@ def destroy(dbg, sr, key):
 def _change_record(sr, key, **changes):
     with open_sr(sr) as attached:
         if attached.update_volume(key, lambda record: record.replace(**changes)) is None:
-            raise protocol.VolumeDoesNotExist(key)
+            raise errors.VolumeDoesNotExist(key)
 
 
 def set_name(dbg, sr, key, new_name):
@@ -201,7 +200,7 @@ def _write_keys(sr, key, set_values=None, remove=()):
     """Change keys of an existing volume (atomically checked to exist)."""
     def change(entries):
         if volume_field(key) not in entries:
-            raise protocol.VolumeDoesNotExist(key)
+            raise errors.VolumeDoesNotExist(key)
         for field in remove:
             entries.pop(field, None)
         entries.update(set_values or {})
@@ -221,14 +220,13 @@ def resize(dbg, sr, key, new_size):
     with open_sr(sr) as attached:
         record = attached.volume_record(key)
         if not record.read_write:
-            raise protocol.failure("VDI Invalid size",
-                                   "volume %s is a read-only snapshot" % key)
+            raise errors.NotSupported("volume %s is a snapshot: a snapshot cannot be "
+                                      "resized, its disk can" % key)
         new_size = -(-new_size // SECTOR) * SECTOR
         if new_size < record.size:
-            raise protocol.StorageError(
-                ["VDI Invalid size", "shrinking not allowed: volume %s has %d bytes, "
-                 "asked for %d" % (key, record.size, new_size)],
-                code="SR_BACKEND_FAILURE_79")
+            raise errors.VdiInvalidSize(
+                "shrinking not allowed: volume %s has %d bytes, asked for %d"
+                % (key, record.size, new_size))
         with attached.image_lock(record.image):
             with _open(attached, key, record.image) as image:
                 image.resize(new_size)

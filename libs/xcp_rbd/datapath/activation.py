@@ -27,21 +27,20 @@ import json
 
 import rbd
 
-from xcp_rbd import bounds, ceph_client, log, protocol
+from xcp_rbd import bounds, ceph_client, errors, log
 from xcp_rbd.metadata import Conflict, Omap, dumps, now
 
 FIELD = "xcp_rbd.activation"
 
 
-class ActivatedOnAnotherHost(protocol.StorageError):
-    def __init__(self, where, holder, alive):
-        super(ActivatedOnAnotherHost, self).__init__([
-            "Activated_on_another_host", holder["host"],
-            "%s is active on host %s (%s) since %s (its client %s still watches the "
-            "image): deactivate it there first; if that host is dead, Ceph drops its "
-            "watch within osd_client_watch_timeout (30 s by default), then activate "
-            "takes over" % (where.spec, holder["host"], holder.get("hostname", "?"),
-                            holder.get("since", "?"), ", ".join(sorted(alive)))])
+def _held_elsewhere(where, holder, alive):
+    return errors.ActivatedOnAnotherHost(
+        holder["host"],
+        "%s is active on host %s (%s) since %s (its client %s still watches the "
+        "image): deactivate it there first; if that host is dead, Ceph drops its "
+        "watch within osd_client_watch_timeout (30 s by default), then activate "
+        "takes over" % (where.spec, holder["host"], holder.get("hostname", "?"),
+                        holder.get("since", "?"), ", ".join(sorted(alive))))
 
 
 class ActivationLock(object):
@@ -66,8 +65,7 @@ class ActivationLock(object):
         try:
             return rbd.Image(self.ioctx, self.where.image, read_only=True)
         except rbd.ImageNotFound:
-            raise protocol.failure("Volume_missing", "image %s does not exist"
-                                   % self.where.spec)
+            raise errors.VolumeDoesNotExist("image %s does not exist" % self.where.spec)
 
     def watchers(self):
         """Addresses of the clients watching the image (a read-only open adds none)."""
@@ -98,8 +96,7 @@ class ActivationLock(object):
                 return new
             except Conflict:
                 if not retry.again():
-                    raise protocol.failure(
-                        "Busy", "the activation of %s changed constantly for %d s: try "
+                    raise errors.Busy("the activation of %s changed constantly for %d s: try "
                         "again" % (self.where.spec, retry.seconds))
 
     def acquire(self, me):
@@ -119,7 +116,7 @@ class ActivationLock(object):
         # watcher may be the holder's: only an unwatched image is free.
         alive = watching.intersection(clients) if clients else watching
         if alive:
-            raise ActivatedOnAnotherHost(self.where, holder, alive)
+            raise _held_elsewhere(self.where, holder, alive)
         for address in clients:
             ceph_client.blocklist(self.connection.rados, address)
         log.warning("%s: taking over from host %s (%s), whose clients %s no longer watch "
@@ -133,8 +130,8 @@ class ActivationLock(object):
 
         def update(holder):
             if holder is None or holder["host"] != me["host"]:
-                raise protocol.failure(
-                    "Activation_lost", "the activation of %s was taken over while it "
+                raise errors.ActivationLost(
+                    "the activation of %s was taken over while it "
                     "was activated here" % self.where.spec)
             return dict(holder, clients=clients)
         self._change(update)

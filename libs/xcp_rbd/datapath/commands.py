@@ -25,7 +25,7 @@ the volume stays open while one is active and attached while one is attached.
 
 import json
 
-from xcp_rbd import bounds, cluster, location, log, protocol
+from xcp_rbd import bounds, cluster, errors, location, log, protocol
 from xcp_rbd.datapath import host, mirror, qemu, rbd_nbd, state
 
 VERSION = "1.0.0"
@@ -64,8 +64,8 @@ def _usable(uri):
     """_volume, for the calls that give a VM the data (not for the teardown ones)."""
     where, backend = _volume(uri)
     if where.data_destroyed:
-        raise protocol.failure(
-            "Volume_data_destroyed", "%s: its data was destroyed (Volume.data_destroy), "
+        raise errors.VolumeDataDestroyed(
+            "%s: its data was destroyed (Volume.data_destroy), "
             "only its changed-block tracking metadata is left" % where.spec)
     return where, backend
 
@@ -111,20 +111,20 @@ def _activate(uri, domain, read_only):
     read_only = read_only or where.snap is not None  # a snapshot never changes
     with state.Attachment(where) as att:
         if "tapdisk" not in att.values:
-            raise protocol.failure("Not_attached", "%s is not attached on this host: "
-                                   "Datapath.attach comes first" % where.spec)
+            raise errors.NotAttached("%s is not attached on this host: "
+                                     "Datapath.attach comes first" % where.spec)
         active = _active(att)
         if not host.running(att.values["tapdisk"]["pid"]):
-            raise protocol.failure(
-                "Tapdisk_died", "%s: its tapdisk (pid %d) died, and with it the disk of "
+            raise errors.TapdiskDied(
+                "%s: its tapdisk (pid %d) died, and with it the disk of "
                 "every domain using it (%s): shut them down, which detaches it, and start "
                 "them again" % (where.spec, att.values["tapdisk"]["pid"],
                                 ", ".join(att.values.get("domains", []))))
         if att.values.get("tapdisk_open"):
             if backend.alive(att):
                 if att.values.get("read_only") and not read_only:
-                    raise protocol.failure(
-                        "Volume_active_read_only", "%s is open read-only on this host "
+                    raise errors.VolumeActiveReadOnly(
+                        "%s is open read-only on this host "
                         "for %s: it can be written once they deactivate it"
                         % (where.spec, ", ".join(sorted(active)) or "a reader"))
                 active[domain] = "ro" if read_only else "rw"
@@ -171,8 +171,8 @@ def _open_exclusive(att, where, backend, lock):
 def _open(att, where, backend, read_only, opened=None):
     """The backend opens the image, `opened()` runs, tapdisk opens the device;
     each step recorded once done."""
-    protocol.arm_watchdog(bounds.call(where.cluster.timeout), "%s: qemu or the cluster did "
-                          "not answer while activating" % where.spec)
+    protocol.arm_watchdog(bounds.call(where.cluster.timeout), "%s: the cluster did not "
+                          "answer while activating" % where.spec)
     att.values.update(opened=True, read_only=read_only)  # first: a half-open backend
     att.save()                                           # is undone too
     att.values["device"] = backend.open(att, where, read_only)
@@ -201,7 +201,7 @@ def _deactivate(att, where, backend):
     if values.pop("tapdisk_open", False):
         try:
             host.tapdisk_close(values["tapdisk"])
-        except protocol.StorageError as exc:
+        except errors.StorageError as exc:
             # A dead tapdisk writes nothing: go on, or the VM could never stop.
             log.warning("%s: %s", where.spec, exc)
         att.save()

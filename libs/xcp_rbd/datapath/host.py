@@ -37,7 +37,7 @@ import signal
 import subprocess
 import time
 
-from xcp_rbd import log, protocol
+from xcp_rbd import errors, log, protocol
 from xcp_rbd.datapath import state
 
 COMMAND_TIMEOUT = 30
@@ -58,16 +58,17 @@ def _run(argv, preexec_fn=None):
                                    stderr=subprocess.PIPE, universal_newlines=True,
                                    preexec_fn=preexec_fn)
     except OSError as exc:
-        raise protocol.failure("Host_command_failed", "cannot run %s: %s" % (argv[0], exc))
+        raise errors.HostCommandFailed("cannot run %s: %s" % (argv[0], exc))
     try:
-        out, err = process.communicate(timeout=COMMAND_TIMEOUT)
+        with protocol.waiting_for("%s to finish" % " ".join(argv)):
+            out, err = process.communicate(timeout=COMMAND_TIMEOUT)
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
-        raise protocol.failure("Host_command_failed", "%s did not finish within %d s"
-                               % (" ".join(argv), COMMAND_TIMEOUT))
+        raise errors.HostCommandFailed("%s did not finish within %d s"
+                                       % (" ".join(argv), COMMAND_TIMEOUT))
     if process.returncode != 0:
-        raise protocol.failure("Host_command_failed", "%s failed (exit %d): %s" % (
+        raise errors.HostCommandFailed("%s failed (exit %d): %s" % (
             " ".join(argv), process.returncode, err.strip()))
     return out.strip()
 
@@ -166,7 +167,7 @@ def tapdisk_mirror(tapdisk, secondary):
     _run(["tap-ctl", "pause"] + _tap_args(tapdisk))
     try:
         _run(["tap-ctl", "unpause"] + _tap_args(tapdisk) + ["-2", secondary])
-    except protocol.StorageError:
+    except errors.StorageError:
         _run(["tap-ctl", "unpause"] + _tap_args(tapdisk))  # the VM's I/O goes on
         raise
 
@@ -200,7 +201,7 @@ def free_nbd_device():
     for name in names:
         if not os.path.exists(_sysfs("block", name, "pid")):
             return "/dev/" + name
-    raise NoNbdDevice(len(names))
+    raise _all_nbd_devices_used(len(names))
 
 
 def _nbd_devices():
@@ -210,14 +211,13 @@ def _nbd_devices():
     return sorted(names, key=lambda name: int(name[3:]))
 
 
-class NoNbdDevice(protocol.StorageError):
-    def __init__(self, count):
-        super(NoNbdDevice, self).__init__([
-            "No_nbd_device", "all %d NBD devices of this host (/dev/nbd*) are in use: the "
-            "nbd module makes nbds_max of them when it loads. Give it more with "
-            "'options nbd nbds_max=128' in /etc/modprobe.d/nbd.conf, then reload it "
-            "while no NBD device is in use (modprobe -r nbd; modprobe nbd) or reboot"
-            % count])
+def _all_nbd_devices_used(count):
+    return errors.NoNbdDevice(
+        "all %d NBD devices of this host (/dev/nbd*) are in use: the "
+        "nbd module makes nbds_max of them when it loads. Give it more with "
+        "'options nbd nbds_max=128' in /etc/modprobe.d/nbd.conf, then reload it "
+        "while no NBD device is in use (modprobe -r nbd; modprobe nbd) or reboot"
+        % count)
 
 
 def nbd_connect(socket_path, export):
@@ -225,8 +225,8 @@ def nbd_connect(socket_path, export):
     with state.host_lock("nbd"):
         device = free_nbd_device()
         if device is None:
-            raise protocol.failure("No_nbd_device", "the nbd kernel module is not loaded: "
-                                   "modprobe nbd nbds_max=128")
+            raise errors.NoNbdDevice("the nbd kernel module is not loaded: "
+                                     "modprobe nbd nbds_max=128")
         _run(["nbd-client", "-unix", socket_path, device, "-name", export,
               "-block-size", "512", "-timeout", str(NBD_TIMEOUT)])
     return device
@@ -247,9 +247,9 @@ def rbd_nbd_map(spec, options, read_only, volume_id):
         free_nbd_device()
         try:
             out = _run(argv, preexec_fn)
-        except protocol.StorageError as exc:
+        except errors.StorageError as exc:
             if "failed to find unused device" in exc.params[-1]:  # taken meanwhile
-                raise NoNbdDevice(len(_nbd_devices()))
+                raise _all_nbd_devices_used(len(_nbd_devices()))
             raise
     device = out.splitlines()[-1].strip()
     return {"device": device, "pid": nbd_client_pid(device), "unit": unit}

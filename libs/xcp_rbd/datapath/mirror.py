@@ -45,7 +45,7 @@ import time
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import xcp_rbd
-from xcp_rbd import location, log, protocol
+from xcp_rbd import errors, location, log
 from xcp_rbd.datapath import host, qemu, rbd_nbd, state
 
 JOB = "mirror"  # at most one mirror per volume, in a qemu of its own: fixed ids
@@ -69,8 +69,8 @@ def _target(remote):
     split = urlsplit(remote)
     socket_path = dict(parse_qsl(split.query)).get("socket")
     if split.scheme != "nbd+unix" or split.netloc or not socket_path:
-        raise protocol.failure("Invalid_parameters", "remote must be "
-                               "nbd+unix:///<export>?socket=<path>, not %r" % remote)
+        raise errors.InvalidParameters(
+            "remote must be nbd+unix:///<export>?socket=<path>, not %r" % remote)
     return unquote(split.path[1:]), socket_path
 
 
@@ -82,9 +82,9 @@ def _index(operation_id):
 
 
 def _unknown(operation):
-    return protocol.failure("Unknown_operation", "%s is not a mirror of this host, or it "
-                            "ended (its volume was detached or mirrored again)"
-                            % " ".join(operation))
+    return errors.UnknownOperation("%s is not a mirror of this host, or it ended (its "
+                                   "volume was detached or mirrored again)"
+                                   % " ".join(operation))
 
 
 def forget(att):
@@ -123,8 +123,8 @@ def _check_sizes(qmp, where, remote):
     sizes = {node["node-name"]: node["image"]["virtual-size"]
              for node in qmp.execute("query-named-block-nodes")}
     if sizes[TARGET] != sizes[qemu.NODE]:
-        raise protocol.failure(
-            "Mirror_target_size", "%s: the target %s has %d bytes, the volume %d"
+        raise errors.MirrorTargetSize(
+            "%s: the target %s has %d bytes, the volume %d"
             % (where.spec, remote, sizes[TARGET], sizes[qemu.NODE]))
 
 
@@ -133,7 +133,7 @@ def mirror(dbg, uri, domain, remote):
     export, socket_path = _target(remote)
     with state.Attachment(where) as att:
         if not att.values.get("opened") or not att.values.get("tapdisk_open"):
-            raise protocol.failure("Not_active", "%s is not active on this host: only a "
+            raise errors.NotActive("%s is not active on this host: only a "
                                    "disk in use is mirrored" % where.spec)
         engine = _engine(att)
         engine.remove(att)  # what an earlier, failed migration left
@@ -169,7 +169,7 @@ class _QemuJob(object):
                 qmp.execute("blockdev-mirror", {
                     "job-id": JOB, "device": qemu.NODE, "target": TARGET, "sync": "full",
                     "copy-mode": "write-blocking", "auto-dismiss": False})
-            except protocol.StorageError:
+            except errors.StorageError:
                 _remove(qmp)  # no connection to the proxy may linger
                 raise
 
@@ -184,7 +184,7 @@ class _QemuJob(object):
         try:
             with qemu.Monitor(att, QMP_BOUND) as qmp:
                 job = _job(qmp)
-        except qemu.QemuFailed as exc:
+        except errors.QemuFailed as exc:
             return str(exc)
         if job is not None and job["status"] in READY:
             return {"failed": False, "complete": True, "progress": 1.0}
@@ -230,7 +230,7 @@ class _Relay(object):
             if said != b"ready\n":
                 raise _relay_failure(att, where, remote)
             host.tapdisk_mirror(att.values["tapdisk"], "nbd:" + att.socket_path(RELAY_SOCKET))
-        except protocol.StorageError:
+        except errors.StorageError:
             host.kill(process.pid)
             raise
 
@@ -253,7 +253,7 @@ class _Relay(object):
         try:
             if host.tapdisk_stats(att.values["tapdisk"]).get("nbd_mirror_failed"):
                 return "tapdisk dropped the mirror after a write to it failed"
-        except protocol.StorageError as exc:
+        except errors.StorageError as exc:
             return str(exc)
         if status.get("in_sync"):
             return {"failed": False, "complete": True, "progress": 1.0}
@@ -290,8 +290,8 @@ def _relay_status(att):
 def _relay_failure(att, where, remote):
     status = _relay_status(att)
     if status.get("reason") == "target_size":
-        return protocol.failure("Mirror_target_size", "%s: %s" % (where.spec, status["error"]))
-    return protocol.failure("Mirror_failed", "%s: the mirror to %s did not start: %s" % (
+        return errors.MirrorTargetSize("%s: %s" % (where.spec, status["error"]))
+    return errors.MirrorFailed("%s: the mirror to %s did not start: %s" % (
         where.spec, remote, status.get("error", "its relay did not answer")))
 
 
@@ -339,7 +339,7 @@ def finish(att):
         return None
     try:
         error = _engine(att).end(att)
-    except protocol.StorageError as exc:  # qemu is gone or does not answer
+    except errors.StorageError as exc:  # qemu is gone or does not answer
         error = str(exc)
     record["closed"] = True
     if error and "error" not in record:
@@ -352,8 +352,8 @@ def finish(att):
     att.save()
     if not unreported:
         return None
-    return protocol.failure(
-        "Mirror_failed", "%s: the mirror to %s failed after it was in sync (%s): the "
+    return errors.MirrorFailed(
+        "%s: the mirror to %s failed after it was in sync (%s): the "
         "target misses writes; the volume is deactivated here all the same"
         % (att.where.spec, record["remote"], record["error"]))
 
@@ -373,7 +373,7 @@ def _end(att):
                     time.sleep(POLL)
                     job = _job(qmp)
             _remove(qmp)
-    except qemu.QemuFailed as exc:
+    except errors.QemuFailed as exc:
         # A hung NBD target holds the job's requests, and cancelling does not
         # abort them: the Monitor ends qemu. tapdisk is closed by now and qemu
         # writes through to the OSDs, so no acknowledged write is lost; closing

@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 
-from xcp_rbd import log, protocol
+from xcp_rbd import errors, log, protocol
 from xcp_rbd.datapath import client_options, host
 
 QEMU_DP = "/usr/lib64/qemu-dp/bin/qemu-dp"
@@ -46,13 +46,6 @@ def _argv(program, qmp):
         return [program, qmp]  # qemu-dp's main takes the QMP socket path alone
     return [program, "--chardev", "socket,id=qmp,path=%s,server=on,wait=off" % qmp,
             "--monitor", "chardev=qmp"]
-
-
-class QemuFailed(protocol.StorageError):
-    """qemu is gone or does not answer."""
-
-    def __init__(self, message):
-        super(QemuFailed, self).__init__(["Qemu_failed", message])
 
 
 def _alive(att):
@@ -81,7 +74,7 @@ def _log_tail(att):
 class Monitor(object):
     """A QMP session with a volume's qemu. A qemu that does not answer within
     `bound` seconds is killed, so that a hung daemon cannot hang the call: the
-    call then gets QemuFailed."""
+    call then gets errors.QemuFailed. Each wait on it is named to the watchdog."""
 
     def __init__(self, att, bound):
         self.att = att
@@ -97,7 +90,8 @@ class Monitor(object):
         for _ in range(CONNECT_ATTEMPTS):
             self._qmp = QEMUMonitorProtocol(self.att.socket_path(QMP_SOCKET))
             try:
-                self._qmp.connect()
+                with protocol.waiting_for(self._waiting("the handshake")):
+                    self._qmp.connect()
                 return self
             except Exception as exc:  # qemu.qmp's errors differ between versions
                 # An event (a job changing state) that qemu sends before its answer
@@ -105,8 +99,13 @@ class Monitor(object):
                 # does not meet the same event.
                 failure = exc
         self._timer.cancel()
-        raise QemuFailed("cannot talk to qemu (pid %s): %s" % (
+        raise errors.QemuFailed("cannot talk to qemu (pid %s): %s" % (
             self.att.values["qemu_pid"], failure))
+
+    def _waiting(self, what):
+        """The watchdog's words for a wait on this qemu's answer to `what`."""
+        return "qemu (pid %s) to answer %s on its QMP monitor" % (
+            self.att.values["qemu_pid"], what)
 
     def execute(self, command, arguments=None):
         """A QMP command's return value (cmd_obj: the same in every qemu.qmp)."""
@@ -114,12 +113,13 @@ class Monitor(object):
         if arguments:
             message["arguments"] = arguments
         try:
-            reply = self._qmp.cmd_obj(message)
+            with protocol.waiting_for(self._waiting(command)):
+                reply = self._qmp.cmd_obj(message)
         except Exception as exc:
-            raise QemuFailed("qemu (pid %s) did not answer %s: %s" % (
+            raise errors.QemuFailed("qemu (pid %s) did not answer %s: %s" % (
                 self.att.values["qemu_pid"], command, exc))
         if "error" in reply:
-            raise protocol.failure("Qemu_error", "%s: %s" % (
+            raise errors.QemuError("%s: %s" % (
                 command, reply["error"].get("desc", reply["error"])))
         return reply.get("return")
 
@@ -152,9 +152,8 @@ class Qemu(object):
     def _start(self, att, where):
         options = client_options(where.cluster)
         if any(" " in option for option in options):
-            raise protocol.failure("Invalid_configuration",
-                                   "paths given to qemu may not contain spaces: %s"
-                                   % " ".join(options))
+            raise errors.InvalidConfiguration(
+                "paths given to qemu may not contain spaces: %s" % " ".join(options))
         for name in (QMP_SOCKET, NBD_SOCKET):
             if os.path.exists(att.socket_path(name)):
                 os.unlink(att.socket_path(name))
@@ -171,17 +170,19 @@ class Qemu(object):
                 argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                 cwd=att.directory, env=env, start_new_session=True, preexec_fn=preexec_fn)
         except OSError as exc:
-            raise QemuFailed("cannot run %s: %s" % (program, exc))
+            raise errors.QemuFailed("cannot run %s: %s" % (program, exc))
         finally:
             os.close(log_fd)
         att.values.update(qemu_pid=process.pid, qemu_unit=unit)
         att.save()
         deadline = time.time() + START_TIMEOUT
-        while not os.path.exists(att.socket_path(QMP_SOCKET)):
-            if process.poll() is not None or time.time() > deadline:
-                host.kill(process.pid)
-                raise QemuFailed("%s did not start: %s" % (program, _log_tail(att)))
-            time.sleep(0.01)
+        with protocol.waiting_for("%s (pid %d) to start" % (program, process.pid)):
+            while not os.path.exists(att.socket_path(QMP_SOCKET)):
+                if process.poll() is not None or time.time() > deadline:
+                    host.kill(process.pid)
+                    raise errors.QemuFailed("%s did not start: %s"
+                                            % (program, _log_tail(att)))
+                time.sleep(0.01)
         with Monitor(att, self._bound(where)) as qmp:
             qmp.execute("nbd-server-start", {"addr": {
                 "type": "unix", "data": {"path": att.socket_path(NBD_SOCKET)}}})
@@ -219,7 +220,7 @@ class Qemu(object):
         try:
             with Monitor(att, self._bound(where)) as qmp:
                 self._close(qmp)
-        except QemuFailed as exc:
+        except errors.QemuFailed as exc:
             log.warning("%s: %s; killing it", where.spec, exc)
             host.kill(att.values["qemu_pid"])
             return True
@@ -244,7 +245,7 @@ class Qemu(object):
         try:
             with Monitor(att, QUIT_TIMEOUT) as qmp:
                 qmp.execute("quit")
-        except QemuFailed as exc:
+        except errors.QemuFailed as exc:
             log.warning("%s: %s", where.spec, exc)
         deadline = time.time() + QUIT_TIMEOUT
         while _alive(att) and time.time() < deadline:

@@ -17,7 +17,7 @@ import json
 import os
 import socket
 
-from xcp_rbd import protocol
+from xcp_rbd import errors
 
 RUN_DIR = os.environ.get("XCP_RBD_RUN_DIR", "/var/run/nonpersistent/xcp-rbd")
 INVENTORY = "/etc/xensource-inventory"
@@ -37,8 +37,8 @@ def host_uuid():
                     return value.strip().strip("'\"")
     except IOError:
         pass
-    raise protocol.failure(
-        "Unknown_host", "cannot tell this host's uuid: %s has no INSTALLATION_UUID and "
+    raise errors.UnknownHost(
+        "cannot tell this host's uuid: %s has no INSTALLATION_UUID and "
         "XCP_RBD_HOST_UUID is not set" % INVENTORY)
 
 
@@ -102,8 +102,8 @@ class Attachment(object):
     def socket_path(self, name):
         path = self.path(name)
         if len(path) > _SOCKET_PATH_MAX:
-            raise protocol.failure(
-                "Invalid_configuration", "%s is too long for a unix socket: use a "
+            raise errors.InvalidConfiguration(
+                "%s is too long for a unix socket: use a "
                 "shorter XCP_RBD_RUN_DIR" % path)
         return path
 
