@@ -206,12 +206,15 @@ class Collector(object):
                 elif ours is None and self.sr.owns_namespace():
                     self.collect_headless(name, entry.get("id"))
             self.collect_trash()
-            if self.full:
-                self.collect_lock_xattrs()
             self.collect_index()
             self.run_jobs()
             if len(self.actions) == done:
-                return self.actions
+                break
+        if self.full:
+            # Once, after the passes: each pass takes image locks, whose xattrs
+            # this removes; inside the loop that would be progress for ever.
+            self.collect_lock_xattrs()
+        return self.actions
 
     def refresh_usage(self, limit=200):
         """Measure the usage SR.ls and Volume.stat report where it is missing or
