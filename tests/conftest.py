@@ -58,9 +58,9 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fragile_cluster(tmp_path_factory):
-    """A cluster of the module's own, for tests that freeze and stop its daemons:
-    the shared one stays as it was."""
-    with LocalCluster(str(tmp_path_factory.mktemp("fragile"))) as running:
+    """A cluster of the module's own, for tests that freeze and stop its daemons
+    (with a standby manager, for failovers): the shared one stays as it was."""
+    with LocalCluster(str(tmp_path_factory.mktemp("fragile")), managers=2) as running:
         yield running
 
 

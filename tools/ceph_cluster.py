@@ -48,7 +48,7 @@ log = logging.getLogger("ceph_cluster")
 
 GiB = 1 << 30
 MON, MGR, OSD = "mon.a", "mgr.x", "osd.0"
-DAEMONS = (MON, MGR, OSD)
+STANDBY_MGRS = ("mgr.y", "mgr.z")
 PG_NUM = 8
 MGR_MODULE_DIR = "/usr/share/ceph/mgr"
 # The mgr loads every module it finds (~4 s for all of them on two cores, most of the
@@ -68,7 +68,7 @@ def _on_host(argv):
 
 # Caps of the daemons' own keys, imported into the monitor at mkfs.
 DAEMON_CAPS = {
-    MGR: {"mon": "allow profile mgr", "osd": "allow *", "mds": "allow *"},
+    "mgr": {"mon": "allow profile mgr", "osd": "allow *", "mds": "allow *"},
     OSD: {"mon": "allow profile osd", "mgr": "allow profile osd", "osd": "allow *"},
 }
 ADMIN_CAPS = {"mon": "allow *", "osd": "allow *", "mds": "allow *", "mgr": "allow *"}
@@ -117,13 +117,14 @@ class LocalCluster:
         commit, so the 1 s default would make snapshots take ~1 s.
     objectstore: "memstore" (RAM) or "bluestore" (sparse file `osd.0.block` in workdir).
     timeout: seconds to wait for the cluster to become ready.
+    managers: how many managers (mgr.x, then standbys mgr.y, mgr.z), for failovers.
     """
 
     pool = "rbd"
     user = "xcp"
 
     def __init__(self, workdir=None, osd_bytes=8 * GiB, paxos_propose_interval=0.05,
-                 objectstore="bluestore", timeout=60):
+                 objectstore="bluestore", timeout=60, managers=1):
         if objectstore not in ("memstore", "bluestore"):
             raise ValueError("objectstore must be memstore or bluestore")
         self._owns_dir = workdir is None or not os.path.exists(workdir)
@@ -132,6 +133,8 @@ class LocalCluster:
         self.paxos_propose_interval = paxos_propose_interval
         self.objectstore = objectstore
         self.timeout = timeout
+        self.managers = (MGR,) + STANDBY_MGRS[:managers - 1]
+        self.daemons = (MON,) + self.managers + (OSD,)
         self.conf = os.path.join(self.dir, "ceph.conf")
         self.admin_keyring = os.path.join(self.dir, "admin.keyring")
         self.keyring = os.path.join(self.dir, "xcp.keyring")
@@ -147,7 +150,7 @@ class LocalCluster:
         with open(os.path.join(workdir, STATE_FILE)) as f:
             state = json.load(f)
         cluster = cls(state["dir"], state["osd_bytes"], state["paxos_propose_interval"],
-                      state["objectstore"])
+                      state["objectstore"], managers=state.get("managers", 1))
         cluster.mon_host = state["mon_host"]
         cluster.pools = state["pools"]
         return cluster
@@ -218,7 +221,7 @@ class LocalCluster:
         return self
 
     def _create(self):
-        for sub in ("log", "run", MON, MGR, OSD):
+        for sub in ("log", "run") + self.daemons:
             os.makedirs(os.path.join(self.dir, sub), mode=0o700, exist_ok=True)
         os.chmod(self.dir, 0o700)
         self.mon_host = "v2:127.0.0.1:%d" % _free_port()
@@ -231,8 +234,9 @@ class LocalCluster:
         for path, name, caps in (
                 (self.admin_keyring, "client.admin", ADMIN_CAPS),
                 (self.keyring, "client." + self.user, _xcp_caps(self.pools)),
-                (self._keyring_of(MGR), MGR, DAEMON_CAPS[MGR]),
-                (self._keyring_of(OSD), OSD, DAEMON_CAPS[OSD])):
+                (self._keyring_of(OSD), OSD, DAEMON_CAPS[OSD])) + tuple(
+                    (self._keyring_of(mgr), mgr, DAEMON_CAPS["mgr"])
+                    for mgr in self.managers):
             self._authtool(path, name, caps)
             self._run(["ceph-authtool", mkfs_keyring, "--import-keyring", path])
         monmap = os.path.join(self.dir, "monmap")
@@ -248,7 +252,8 @@ class LocalCluster:
 
         self._link_mgr_modules()
         self._spawn(MON)
-        self._spawn(MGR)
+        for mgr in self.managers:
+            self._spawn(mgr)
         # No device_health_metrics pool, no SMART scraping (before the OSD is up).
         self.ceph("config", "set", "mgr", "mgr/devicehealth/enable_monitoring", "false",
                   "--force")
@@ -342,7 +347,8 @@ keyring = {admin}
 
     def _save_state(self):
         state = dict(self.info(), osd_bytes=self.osd_bytes, objectstore=self.objectstore,
-                     paxos_propose_interval=self.paxos_propose_interval, pools=self.pools)
+                     paxos_propose_interval=self.paxos_propose_interval, pools=self.pools,
+                     managers=len(self.managers))
         with open(os.path.join(self.dir, STATE_FILE), "w") as f:
             json.dump(state, f, indent=1)
 
@@ -410,8 +416,8 @@ keyring = {admin}
             except FileNotFoundError:
                 pass
 
-    def _signal_all(self, sig):
-        for daemon in DAEMONS:
+    def _signal(self, daemons, sig):
+        for daemon in daemons or self.daemons:
             pid = self._pid(daemon)
             if pid:
                 os.kill(pid, sig)
@@ -423,21 +429,21 @@ keyring = {admin}
         # its whole RAM store to files that are thrown away.
         self._kill([OSD], sig=signal.SIGKILL if self.objectstore == "memstore"
                    else signal.SIGTERM)
-        self._kill([MGR, MON])
+        self._kill(self.managers + (MON,))
         if self._owns_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def running(self):
         """{daemon: pid or None}."""
-        return {d: self._pid(d) for d in DAEMONS}
+        return {d: self._pid(d) for d in self.daemons}
 
-    def freeze(self):
-        """SIGSTOP every daemon: the cluster hangs (connections stay open)."""
-        self._signal_all(signal.SIGSTOP)
+    def freeze(self, *daemons):
+        """SIGSTOP the daemons (default: all): they hang, their connections stay open."""
+        self._signal(daemons, signal.SIGSTOP)
 
-    def thaw(self):
-        """SIGCONT every daemon, undoing `freeze`."""
-        self._signal_all(signal.SIGCONT)
+    def thaw(self, *daemons):
+        """SIGCONT the daemons (default: all), undoing `freeze`."""
+        self._signal(daemons, signal.SIGCONT)
 
     def stop_osd(self):
         """Stop the OSD cleanly and wait until the monitor has marked it down.
@@ -451,7 +457,7 @@ keyring = {admin}
     def start_osd(self):
         """Start the OSD again; wait until it is up and all PGs are active+clean."""
         self._spawn(OSD)
-        self._wait_ready(time.monotonic() + self.timeout)
+        self.wait_ready()
 
     def stop_mon(self):
         """Stop the monitor: clients and daemons get no answers until `start_mon`."""
@@ -460,16 +466,24 @@ keyring = {admin}
     def start_mon(self):
         """Start the monitor again and wait until the cluster is ready."""
         self._spawn(MON)
-        self._wait_ready(time.monotonic() + self.timeout)
+        self.wait_ready()
 
     def stop_mgr(self):
-        """Stop the manager: pool statistics go stale and `rbd task` is unanswered."""
-        self._kill([MGR])
+        """Stop every manager: pool statistics go stale and `rbd task` is unanswered."""
+        self._kill(self.managers)
+
+    def kill_active_mgr(self):
+        """SIGKILL the active manager, as when its host dies: a standby takes over
+        once the monitor's mon_mgr_beacon_grace (30 s) has passed."""
+        self._kill(["mgr." + self.ceph_json("mgr", "dump", timeout=5)["active_name"]],
+                   sig=signal.SIGKILL)
 
     def start_mgr(self):
-        """Start the manager again and wait until the cluster is ready."""
-        self._spawn(MGR)
-        self._wait_ready(time.monotonic() + self.timeout)
+        """Start the managers that are not running; wait until the cluster is ready."""
+        for mgr in self.managers:
+            if not self._pid(mgr):
+                self._spawn(mgr)
+        self.wait_ready()
 
     # ----------------------------------------------------------------- pools
 
@@ -519,6 +533,10 @@ keyring = {admin}
                 and sum(count for state, count in states.items()
                         if state.startswith("active+clean")) == pgs["num_pgs"])
 
+    def wait_ready(self):
+        """Wait until the cluster is ready again (after a fault)."""
+        self._wait_ready(time.monotonic() + self.timeout)
+
     def _wait_ready(self, deadline):
         self._status = None
         try:
@@ -528,7 +546,7 @@ keyring = {admin}
 
     def _log_tails(self):
         parts = []
-        for daemon in DAEMONS:
+        for daemon in self.daemons:
             for ext in (".out", ".log"):
                 path = os.path.join(self.dir, "log", daemon + ext)
                 text = _tail(path)
