@@ -37,11 +37,8 @@ class StorageError(Exception):
     code = BACKEND_FAILURE
 
     def __init__(self, message):
-        self._set_params([self.reason, message])
-
-    def _set_params(self, params):
-        super(StorageError, self).__init__(": ".join(params))
-        self.params = list(params)
+        super(StorageError, self).__init__("%s: %s" % (self.reason, message))
+        self.params = [self.reason, message]
 
 
 # --- the call as asked -----------------------------------------------------
@@ -252,13 +249,16 @@ class VolumeActiveReadOnly(DatapathError):
 
 class ActivatedOnAnotherHost(DatapathError):
     """Another host has the volume active, and its client still watches the
-    image: deactivate it there. XAPI knows this one by its params [reason, host
-    uuid] and redirects the call to that host; a dead host's watch ends within
-    osd_client_watch_timeout, and activate then takes over."""
+    image: deactivate it there. XAPI knows this one only by its exact params
+    [reason, host uuid] (xapi-storage-script, smapiv3-spec 3.3) and redirects the
+    call to that host, so the message goes to the log, not into the params; a
+    dead host's watch ends within osd_client_watch_timeout, and activate then
+    takes over."""
     reason = "Activated_on_another_host"
 
     def __init__(self, host_uuid, message):
-        self._set_params([self.reason, host_uuid, message])
+        super(ActivatedOnAnotherHost, self).__init__(message)
+        self.params = [self.reason, host_uuid]
 
 
 class ActivationLost(DatapathError):

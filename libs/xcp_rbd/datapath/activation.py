@@ -34,13 +34,14 @@ FIELD = "xcp_rbd.activation"
 
 
 def _held_elsewhere(where, holder, alive):
-    return errors.ActivatedOnAnotherHost(
-        holder["host"],
-        "%s is active on host %s (%s) since %s (its client %s still watches the "
-        "image): deactivate it there first; if that host is dead, Ceph drops its "
-        "watch within osd_client_watch_timeout (30 s by default), then activate "
-        "takes over" % (where.spec, holder["host"], holder.get("hostname", "?"),
-                        holder.get("since", "?"), ", ".join(sorted(alive))))
+    message = ("%s is active on host %s (%s) since %s (its client %s still watches "
+               "the image): deactivate it there first; if that host is dead, Ceph "
+               "drops its watch within osd_client_watch_timeout (30 s by default), "
+               "then activate takes over" % (
+                   where.spec, holder["host"], holder.get("hostname", "?"),
+                   holder.get("since", "?"), ", ".join(sorted(alive))))
+    log.warning("%s", message)  # the error's params are XAPI's, the words are here
+    return errors.ActivatedOnAnotherHost(holder["host"], message)
 
 
 class ActivationLock(object):
