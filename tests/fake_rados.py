@@ -50,7 +50,9 @@ OMAP_PAGE = 1024  # osd_max_omap_entries_per_request, by default
 LOCK_RENEW = 1  # LIBRADOS_LOCK_FLAG_RENEW
 _CMP_EQ = 1  # LIBRADOS_CMPXATTR_OP_EQ, which only bindings with omap_cmp export
 _CLIENT_ENTITY = 8  # CEPH_ENTITY_TYPE_CLIENT
-_ADDRESS_OF_A_CLIENT = 3  # entity_addr_t::TYPE_ANY
+# entity_addr_t::TYPE_LEGACY: what a Pacific OSD writes for a client (whose own
+# address, as Rados.get_addrs gives it, is TYPE_ANY): test_metadata.py compares.
+_ADDRESS_OF_A_CLIENT = 1
 _EXCLUSIVE_LOCK = 1  # ClsLockType LOCK_EXCLUSIVE
 
 # The binding's make_ex: errno -> exception class (the last three: Pacific's only).
