@@ -1,6 +1,7 @@
 """Fixtures: a real one-node Ceph cluster, the plugins installed with CMake, the
 XAPI-playing tool driving the installed scripts, and simulated hosts (hosts.py)
-for the datapath.
+for the datapath; for the unit layer (tests/test_units_*.py), an in-memory
+cluster instead (fake_rados.py).
 
 Run with /usr/bin/python3 or a venv made from it (Debian's rados and rbd bindings
 are built for it).
@@ -54,6 +55,22 @@ def cluster(tmp_path_factory):
         return
     with LocalCluster(str(tmp_path_factory.mktemp("ceph"))) as running:
         yield running
+
+
+@pytest.fixture
+def fake_cluster(monkeypatch):
+    """The unit layer's cluster (fake_rados.py), on the test's clock; compare-and-set
+    by this binding's path."""
+    import fake_rados  # rados: only tests that use it pay for it
+    return fake_rados.install(monkeypatch)
+
+
+@pytest.fixture(params=["omap_cmp", "assert_version"])
+def cas_cluster(request, monkeypatch):
+    """fake_cluster, once on each compare-and-set path of ceph_client: by omap
+    value (newer bindings) and by object version (Nautilus, Octopus)."""
+    import fake_rados
+    return fake_rados.install(monkeypatch, omap_cmp=request.param == "omap_cmp")
 
 
 @pytest.fixture(scope="module")
