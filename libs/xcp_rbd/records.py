@@ -1,12 +1,14 @@
 """What an SR's index holds, every field named once, and the volume record.
 
 The index of an SR (its storage: metadata.SrIndex) has these fields, each
-written only by the module named:
+written only by the modules named (and all removed by SR.destroy, gc.py):
   sr             the SR's record (sr.py)
   v.<key>        a volume's record: VolumeRecord (volume.py; revert.py for a
                  revert, cbt.py for changed-block tracking)
-  k.<key>.<k>    the value of key <k> set with Volume.set (volume.py)
-  u.<key>        the volume's usage measured last, {"bytes", "at"} (attached.Sr)
+  k.<key>.<k>    the value of key <k> set with Volume.set (volume.py; revert.py
+                 re-points `snapshot_of` when a clone adopts a disk's image)
+  u.<key>        the volume's usage measured last, {"bytes", "at"} (attached.Sr;
+                 dropped by volume.py and revert.py when it no longer holds)
   j.<image>      a background job on an image: a flatten (flatten.py)
   gc.stats       what the collector did over the SR's life (gc.py)
   gc.last_full   when a collector last swept every image (gc.py)
