@@ -18,7 +18,7 @@ import time
 
 import rbd
 
-from xcp_rbd import cbt, errors, flatten, gc, metadata, revert
+from xcp_rbd import bounds, cbt, errors, flatten, gc, metadata, revert
 from xcp_rbd.attached import USAGE_REFRESH, open_sr
 from xcp_rbd.records import (KEYS, USAGE, VolumeRecord, key_prefix, owner, usage_field,
                              volume_field, volumes)
@@ -28,6 +28,7 @@ FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
             | rbd.RBD_FEATURE_DEEP_FLATTEN)
 SECTOR = 512
 CREATE_LOCK_LEASE = 15  # a killed create blocks the collector this long at most
+TAG_RETRY = 5.0  # seconds a new image's first open is tried again (see _tag_image)
 
 
 def _volumes_with_keys(entries):
@@ -71,8 +72,21 @@ def views(attached, entries):
 
 
 def _tag_image(attached, name):
-    with attached.image(name) as image:
-        image.metadata_set(metadata.META_SR, attached.location.sr_uuid)
+    """Give the new image `name` the SR's back-pointer. A new clone's open reads its
+    ancestors, and fails with ENOENT when an ancestor's background flatten ends
+    meanwhile (that ancestor's parent snapshot goes; seen with Nautilus' librbd, in
+    a chain of clones): it is opened again once the flatten is over."""
+    retry = bounds.Retry(TAG_RETRY)
+    while True:
+        try:
+            with attached.image(name) as image:
+                image.metadata_set(metadata.META_SR, attached.location.sr_uuid)
+            return
+        except rbd.ImageNotFound:
+            if not retry.again():
+                raise errors.Busy(
+                    "the new image %s could not be opened for %d s (a background flatten "
+                    "of one of its ancestors did not end): try again" % (name, TAG_RETRY))
 
 
 def create(dbg, sr, name, description, size, sharable):
