@@ -13,6 +13,7 @@ from xcp_rbd.cluster import ClusterConfig
 from xcp_rbd.location import SrLocation, VolumeLocation
 from xcp_rbd.bounds import jitter
 from xcp_rbd.metadata import dumps, new_key
+from xcp_rbd.records import VolumeRecord
 
 
 def test_a_call_is_bounded_by_three_timeouts_and_a_margin():
@@ -199,3 +200,28 @@ def test_failures_reach_xapi_as_the_protocol_says():
     missing = protocol.error_document(ImportError("No module named 'rados'", name="rados"))
     assert missing["params"][0] == "Missing_dependency" and "python3-rados" in \
         missing["params"][1]
+
+
+STORED = ('{"created":"20261201T00:00:00Z","description":"d","image":"img","name":"n",'
+          '"sharable":false,"size":4096,"snap":null,"uuid":"k"}')
+
+
+def test_a_volume_record_reads_back_as_it_was_stored():
+    record = VolumeRecord.load("k", STORED)
+    assert (record.image, record.snap, record.size, record.read_write) == ("img", None, 4096, True)
+    assert record.dumps() == STORED  # fields at their default are not stored
+    changed = record.replace(cbt=True, depth=3)
+    assert VolumeRecord.load("k", changed.dumps()).values() == changed.values()
+
+
+@pytest.mark.parametrize("text", [
+    STORED.replace('"size":4096', '"size":true'),           # a bool is not a size
+    STORED.replace('"snap":null', '"snap":1'),              # wrong type
+    STORED.replace('"uuid":"k"', '"uuid":"k","later":1'),   # a field this version lacks
+    STORED.replace('"image":"img",', ''),                   # a field missing
+    '[]', 'not json'])
+def test_a_volume_record_this_version_does_not_know_is_refused_in_words(text):
+    with pytest.raises(errors.VolumeRecordInvalid) as refused:
+        VolumeRecord.load("k", text)
+    assert refused.value.params[0] == "Volume_record_invalid" and "volume k" in refused.value.params[1]
+

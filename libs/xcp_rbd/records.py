@@ -138,9 +138,6 @@ class VolumeRecord(object):
         stored changes are what is left, and its usage is 0."""
         return self.changed is not None
 
-    def __eq__(self, other):
-        return isinstance(other, VolumeRecord) and self.values() == other.values()
-
     def __repr__(self):
         return "VolumeRecord(%s)" % self.dumps()
 
