@@ -7,6 +7,7 @@ record but the SR's). At timeout 5 here; at the default with `scripts/test
 import json
 import os
 import random
+import struct
 import subprocess
 import threading
 import time
@@ -141,12 +142,19 @@ def test_killed_operations_lose_nothing_and_leave_nothing(xapi, crash_sr, plugin
 
 
 def holders(attached, entry):
-    """What keeps a trashed image: its snapshots (all namespaces) and watchers."""
+    """What keeps a trashed image: its snapshots (all namespaces) with the children
+    their header records (cls_rbd children_list, raw: a reference whose child is gone
+    is not among the descendants librbd lists), watchers and descendants."""
     try:
         with rbd.Image(attached.ioctx, image_id=entry["id"], read_only=True) as image:
-            return {"image": entry["name"], "snapshots": list(image.list_snaps()),
+            snapshots = list(image.list_snaps())
+            for snap in snapshots:
+                ret, out = attached.ioctx.execute(
+                    "rbd_header." + entry["id"], "rbd", "children_list",
+                    struct.pack("<Q", snap["id"]))
+                snap["child_list"] = (ret, out.hex())
+            return {"image": entry["name"], "snapshots": snapshots,
                     "watchers": list(image.watchers_list()),
-                    "children": list(image.list_descendants())
-                    if hasattr(image, "list_descendants") else None}
+                    "children": list(image.list_descendants())}
     except Exception as exc:
         return {"image": entry["name"], "error": repr(exc)}
