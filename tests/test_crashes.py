@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-import rados
 import rbd
 
 from xcp_rbd import gc
@@ -23,15 +22,6 @@ from xcp_rbd.metadata import LOCK_LEASE
 MiB = 1 << 20
 DISKS = 6
 ROUNDS = 4
-
-
-# Seen in both old-client CI runs of this suite (Nautilus 14.2.21 client, Pacific
-# cluster): one trashed image still there 120 s after the last kill, which neither
-# the killed calls' leases nor their watches explain. Not understood yet: expected
-# to fail on such a client until it is (the assertion shows what holds the image).
-NAUTILUS_LEFTOVER = pytest.mark.xfail(
-    not hasattr(rados.WriteOp, "omap_cmp"), strict=False,
-    reason="a trashed image outlives the collection on the Nautilus client (open)")
 
 
 @pytest.fixture(params=[5, pytest.param(10, marks=pytest.mark.long)],
@@ -91,7 +81,6 @@ def retried(xapi, command, params):
             time.sleep(2)
 
 
-@NAUTILUS_LEFTOVER
 def test_killed_operations_lose_nothing_and_leave_nothing(xapi, crash_sr, plugin_root,
                                                           image_io):
     """Each disk in a thread of its own (a killed call holds its disk's lock until
