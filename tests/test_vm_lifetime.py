@@ -191,7 +191,8 @@ def test_a_stall_longer_than_the_kernel_default_fails_no_write(xapi, fragile_clu
     processes = multiprocessing.get_context("fork")
     stalled = processes.Event()
     events = {key: processes.Queue() for key in attachments}
-    writers = [processes.Process(target=vm_writer, args=(attachment, events[key], stalled))
+    writers = [processes.Process(target=vm_writer, args=(attachment, events[key], stalled),
+                                 daemon=True)  # one left waiting must not hold pytest's exit
                for key, attachment in attachments.items()]
     acknowledged = {key: [] for key in attachments}
     failed = []
