@@ -132,16 +132,16 @@ def test_killed_operations_lose_nothing_and_leave_nothing(xapi, crash_sr, plugin
 
 def holders(attached, entry):
     """What keeps a trashed image: its snapshots (all namespaces) with the children
-    their header records (cls_rbd children_list, raw: a reference whose child is gone
-    is not among the descendants librbd lists), watchers and descendants."""
+    their header records (cls_rbd children_list, encoded, as stored: not what
+    librbd makes of it), watchers and descendants."""
     try:
         with rbd.Image(attached.ioctx, image_id=entry["id"], read_only=True) as image:
             snapshots = list(image.list_snaps())
             for snap in snapshots:
-                ret, out = attached.ioctx.execute(
+                _, children = attached.ioctx.execute(
                     "rbd_header." + entry["id"], "rbd", "children_list",
                     struct.pack("<Q", snap["id"]))
-                snap["child_list"] = (ret, out.hex())
+                snap["children_list"] = children.hex()
             return {"image": entry["name"], "snapshots": snapshots,
                     "watchers": list(image.watchers_list()),
                     "children": list(image.list_descendants())}

@@ -198,6 +198,7 @@ def test_a_stall_longer_than_the_kernel_default_fails_no_write(xapi, fragile_clu
     failed = []
 
     def collect():
+        """The writers' events so far; True once each has written up to the stall."""
         for key, queue in events.items():
             while not queue.empty():
                 event = queue.get()
@@ -205,11 +206,11 @@ def test_a_stall_longer_than_the_kernel_default_fails_no_write(xapi, fragile_clu
                     acknowledged[key].append(event[1])
                 else:
                     failed.append((key,) + event[1:])
+        return all(len(done) >= STALL_AFTER for done in acknowledged.values())
 
     for writer in writers:
         writer.start()
-    until("the writers to start", lambda: collect() or all(
-        len(done) >= STALL_AFTER for done in acknowledged.values()))
+    until("the writers to reach the stall", collect)
     fragile_cluster.stop_osd()
     try:
         stalled.set()
