@@ -6,12 +6,14 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+import rados
 import rbd
 
 from xcp_rbd import flatten, gc, metadata, records
@@ -388,6 +390,40 @@ def test_a_trash_entry_without_header_is_collected(xapi, sr_uuid, sr, image_io):
         collect(sr, full=True)
         assert list(rbd.RBD().trash_list(ioctx)) == []
         assert rbd.RBD().list(ioctx) == [disk["key"]]
+    xapi.vdi_destroy(sr_uuid, disk["key"])
+
+
+@pytest.mark.parametrize("cut_after", ["trash entry added", "directory entry removed"])
+def test_a_move_to_the_trash_cut_short_is_finished(xapi, sr_uuid, sr, image_io, cut_after):
+    """What a destroy killed inside librbd's trash_move leaves (seen with Nautilus'
+    and Pacific's librbd): a trash entry in state MOVING, before or after the image's directory
+    entry and id object went. librbd removes no such entry. Before, librbd's own
+    trash_move (the collector's, of an image no record references) finishes it;
+    after, the collector does."""
+    disk = xapi.vdi_create(sr_uuid, "4M")
+    with sr_ioctx(image_io, sr) as ioctx:
+        rbd.RBD().create(ioctx, "half-moved", 4 << 20)
+        with rbd.Image(ioctx, "half-moved") as image:
+            image_id = image.id()
+        # librbd's first step: the trash entry (TrashImageSpec v2: source user, name,
+        # deletion and deferment times, state)
+        now = int(time.time())
+        body = (bytes([0]) + gc.encoded_string("half-moved")
+                + struct.pack("<IIII", now, 0, now, 0) + bytes([gc.TRASH_STATE_MOVING]))
+        spec = struct.pack("<BBI", 2, 1, len(body)) + body
+        ioctx.execute("rbd_trash", "rbd", "trash_add", gc.encoded_string(image_id) + spec)
+        if cut_after == "directory entry removed":
+            ioctx.remove_object("rbd_id.half-moved")
+            ioctx.execute("rbd_directory", "rbd", "dir_remove_image",
+                          gc.encoded_string("half-moved") + gc.encoded_string(image_id))
+        with pytest.raises(rbd.Error):
+            rbd.RBD().trash_remove(ioctx, image_id, True)  # what librbd does alone
+
+        collect(sr, full=True)
+        assert list(rbd.RBD().trash_list(ioctx)) == []
+        assert rbd.RBD().list(ioctx) == [disk["key"]]
+        with pytest.raises(rados.ObjectNotFound):
+            ioctx.stat("rbd_id.half-moved")
     xapi.vdi_destroy(sr_uuid, disk["key"])
 
 

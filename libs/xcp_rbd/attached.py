@@ -114,10 +114,13 @@ class Sr(object):
         else:
             names = self.images()
             trash = [entry for entry in self.rbd.trash_list(self.ioctx)
-                     if self._owns_trashed(entry["id"])]
+                     if self.owns_trashed(entry["id"])]
         return names + ["%s (in the trash)" % entry["name"] for entry in trash]
 
-    def _owns_trashed(self, image_id):
+    def owns_trashed(self, image_id):
+        """Whether trash entry `image_id` is an image of this SR (see owns)."""
+        if self.owns_namespace():
+            return True  # without opening it: it may have no header left
         try:
             with rbd.Image(self.ioctx, image_id=image_id, read_only=True) as image:
                 return self.owns(image)

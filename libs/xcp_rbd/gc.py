@@ -45,6 +45,32 @@ def _user_snapshots(image):
             == rbd.RBD_SNAP_NAMESPACE_TYPE_USER]
 
 
+# cls_rbd's TrashImageState, the last field of a trash entry (see trash_state)
+TRASH_STATE_NORMAL = 0
+TRASH_STATE_MOVING = 1
+
+
+def encoded_string(text):
+    """A string as Ceph encodes it for cls_rbd's calls: its length, then its bytes."""
+    data = text.encode("ascii")
+    return struct.pack("<I", len(data)) + data
+
+
+def trash_state(ioctx, image_id):
+    """The state of trash entry `image_id` (cls_rbd trash_get: an encoded
+    TrashImageSpec: version, compat and length, then source, name, deletion and
+    deferment times, and the state, which entries written by clients older than
+    Nautilus lack); None if the entry is gone."""
+    try:
+        _, spec = ioctx.execute("rbd_trash", "rbd", "trash_get", encoded_string(image_id))
+    except rados.ObjectNotFound:
+        return None
+    name_at = 2 + 4 + 1  # version and compat (u8 each), length (u32); source (u8)
+    name_length = struct.unpack_from("<I", spec, name_at)[0]
+    state_at = name_at + 4 + name_length + 2 * 8  # the name, then two utime_t
+    return spec[state_at] if state_at < len(spec) else TRASH_STATE_NORMAL
+
+
 def release_image(sr, name):
     """The writable volume on image `name` was destroyed (caller holds its lock).
 
@@ -240,6 +266,9 @@ class Collector(object):
     def collect_trash(self):
         for entry in self.sr.rbd.trash_list(self.sr.ioctx):
             self.keep_lock()
+            if trash_state(self.sr.ioctx, entry["id"]) == TRASH_STATE_MOVING \
+                    and not self.finish_move(entry):
+                continue
             try:
                 with rbd.Image(self.sr.ioctx, image_id=entry["id"]) as image:
                     if not self.sr.owns(image):
@@ -255,12 +284,46 @@ class Collector(object):
             except (rbd.ImageHasSnapshots, rbd.ImageBusy) as exc:
                 log.info("trashed image %s not removable yet: %s", entry["name"], exc)
 
+    def finish_move(self, entry):
+        """Finish a move to the trash that a crash cut short, as librbd would have.
+
+        librbd's trash_move first adds the trash entry in state MOVING, then removes
+        the image's directory entry and id object, then sets the state to NORMAL;
+        librbd removes no entry in state MOVING (EBUSY or EUCLEAN, for ever). Under
+        the image's lock, which the destroy doing the move held: once taken, the
+        move is dead, not running. Each step may be repeated after a crash of its
+        own. Returns whether the move is finished."""
+        name, image_id = entry["name"], entry["id"]
+        if not self.sr.owns_trashed(image_id):
+            return False
+        lock = self.sr.image_lock(name)
+        if not lock.try_acquire():
+            return False
+        try:
+            try:
+                self.sr.ioctx.execute("rbd_directory", "rbd", "dir_remove_image",
+                                      encoded_string(name) + encoded_string(image_id))
+            except rados.ObjectNotFound:
+                pass  # removed before the crash
+            try:
+                if self.sr.ioctx.read("rbd_id." + name) == encoded_string(image_id):
+                    self.sr.ioctx.remove_object("rbd_id." + name)
+            except rados.ObjectNotFound:
+                pass
+            self.sr.ioctx.execute("rbd_trash", "rbd", "trash_state_set",
+                                  encoded_string(image_id) + bytes([TRASH_STATE_NORMAL,
+                                                              TRASH_STATE_MOVING]))
+        finally:
+            lock.release()
+        self.actions.append("finished the cut-short move of image %s to the trash" % name)
+        return True
+
     def collect_headless_trash(self, entry):
         """A trash entry of the SR's own namespace whose image cannot be opened: a
         removal cut short after the header went (or a killed create's orphan).
         Only an entry whose header object is really missing; librbd's own removal
         when it accepts that, else the trash directory's entry itself (cls_rbd
-        trash_remove, which takes the id as an encoded string)."""
+        trash_remove)."""
         try:
             self.sr.ioctx.stat("rbd_header." + entry["id"])
             return  # it has a header: it failed to open for a passing reason
@@ -269,10 +332,9 @@ class Collector(object):
         try:
             self.sr.rbd.trash_remove(self.sr.ioctx, entry["id"], True)
         except rbd.ImageNotFound:
-            encoded = entry["id"].encode("ascii")
             try:
                 self.sr.ioctx.execute("rbd_trash", "rbd", "trash_remove",
-                                      struct.pack("<I", len(encoded)) + encoded)
+                                      encoded_string(entry["id"]))
             except rados.ObjectNotFound:
                 return  # gone meanwhile
         self.actions.append("removed the headless trash entry of image %s" % entry["name"])
