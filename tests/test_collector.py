@@ -393,13 +393,16 @@ def test_a_trash_entry_without_header_is_collected(xapi, sr_uuid, sr, image_io):
     xapi.vdi_destroy(sr_uuid, disk["key"])
 
 
-@pytest.mark.parametrize("cut_after", ["trash entry added", "directory entry removed"])
-def test_a_move_to_the_trash_cut_short_is_finished(xapi, sr_uuid, sr, image_io, cut_after):
+@pytest.mark.parametrize("removed", [(), ("id object",), ("directory entry",),
+                                     ("id object", "directory entry")],
+                         ids=["nothing", "id object", "directory entry", "both"])
+def test_a_move_to_the_trash_cut_short_is_finished(xapi, sr_uuid, sr, image_io, removed):
     """What a destroy killed inside librbd's trash_move leaves (seen with Nautilus'
-    and Pacific's librbd): a trash entry in state MOVING, before or after the image's directory
-    entry and id object went. librbd removes no such entry. Before, librbd's own
-    trash_move (the collector's, of an image no record references) finishes it;
-    after, the collector does."""
+    and Pacific's librbd): a trash entry in state MOVING, with or without the
+    image's id object and directory entry, which the move removes next. librbd
+    removes no such entry. With both left, librbd's own trash_move (the
+    collector's, of an image no record references) finishes it; else the
+    collector does."""
     disk = xapi.vdi_create(sr_uuid, "4M")
     with sr_ioctx(image_io, sr) as ioctx:
         rbd.RBD().create(ioctx, "half-moved", 4 << 20)
@@ -412,8 +415,9 @@ def test_a_move_to_the_trash_cut_short_is_finished(xapi, sr_uuid, sr, image_io, 
                 + struct.pack("<IIII", now, 0, now, 0) + bytes([gc.TRASH_STATE_MOVING]))
         spec = struct.pack("<BBI", 2, 1, len(body)) + body
         ioctx.execute("rbd_trash", "rbd", "trash_add", gc.encoded_string(image_id) + spec)
-        if cut_after == "directory entry removed":
+        if "id object" in removed:
             ioctx.remove_object("rbd_id.half-moved")
+        if "directory entry" in removed:
             ioctx.execute("rbd_directory", "rbd", "dir_remove_image",
                           gc.encoded_string("half-moved") + gc.encoded_string(image_id))
         with pytest.raises(rbd.Error):

@@ -75,10 +75,10 @@ def release_image(sr, name):
     """The writable volume on image `name` was destroyed (caller holds its lock).
 
     Without snapshots the image goes to the trash now (constant time; the
-    collector removes it); with snapshots it stays, hidden, for them. An image that
-    another client has open (a collector measuring it, on clients whose read-only
-    opens watch the image) is left to the collector, which trashes what no record
-    references: the destroy itself is done once the record is gone."""
+    collector removes it); with snapshots it stays, hidden, for them. An image whose
+    exclusive lock librbd cannot take (trash_move's EBUSY: held by a call killed
+    while it wrote, until its watch ends) is left to the collector, which trashes
+    what no record references: the destroy itself is done once the record is gone."""
     try:
         with sr.image(name) as image:
             has_snapshots = bool(_user_snapshots(image))
@@ -87,7 +87,8 @@ def release_image(sr, name):
     except rbd.ImageNotFound:
         return
     except rbd.ImageBusy as exc:
-        log.info("image %s is open elsewhere (%s): the collector trashes it", name, exc)
+        log.info("image %s: its exclusive lock is held elsewhere (%s): the collector "
+                 "trashes it", name, exc)
         start(sr)
 
 
